@@ -1,0 +1,114 @@
+"""The `gpt-tinystories` command: one small function per verb over the Python API.
+
+A `UserError` becomes one line on stderr and exit code 2 (`--debug` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .config import PRESETS, ModelConfig
+
+    vocabs = args.vocab_size or [4096, 50257]
+    header = f"{'preset':<9} {'d_model':>7} {'layers':>6} {'heads':>5}" + "".join(
+        f" {f'total@{v}':>14} {'non-emb':>10}" for v in vocabs
+    )
+    print(header)
+    for name in PRESETS:
+        cells = ""
+        for vocab in vocabs:
+            config = ModelConfig.from_preset(name, vocab, context_length=args.context_length)
+            cells += f" {config.num_parameters():>14,} {config.num_parameters(non_embedding=True):>10,}"
+        print(f"{name:<9} {config.d_model:>7} {config.n_layer:>6} {config.n_head:>5}{cells}")
+    print(f"(context length {args.context_length}; the LM head is tied to the token embedding)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    started = time.perf_counter()
+    prepared = prepare(args.data, tokenizer, split=args.split, out=args.out, cache_dir=args.cache_dir)
+    meta, seconds = prepared.meta, time.perf_counter() - started
+    how = "cached" if prepared.from_cache else f"{meta['text_bytes'] / seconds / 1e6:.1f} MB/s of text"
+    print(
+        f"{meta['stories']:,} stories, {meta['tokens']:,} tokens ({meta['dtype']}, tokenizer {tokenizer.name}) "
+        f"in {prepared.path}  [{seconds:.1f} s, {how}]"
+    )
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .data import iter_stories
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(iter_stories(args.data, args.split), args.vocab_size, show_progress=True)
+    path = tokenizer.save(args.out)
+    print(f"trained a {tokenizer.vocab_size}-token byte-level BPE (hash {tokenizer.hash}) -> {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gpt-tinystories", description="Train, evaluate and sample small GPTs on TinyStories.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+
+    p = verbs.add_parser("presets", help="list the model presets and their parameter counts")
+    p.add_argument("--vocab-size", type=_positive_int, action="append", help="vocabulary size(s) to count with")
+    p.add_argument("--context-length", type=_positive_int, default=512)
+    p.set_defaults(func=cmd_presets)
+
+    p = verbs.add_parser("prepare", help="tokenize stories into uint16 token shards (cached)")
+    p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer.json / its folder (default: gpt2)")
+    p.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    p.add_argument("--out", help="output folder (default: a cache folder keyed by data and tokenizer)")
+    p.add_argument("--cache-dir", help="cache root (default: $GPT_TINYSTORIES_CACHE or ~/.cache/gpt-tinystories)")
+    p.set_defaults(func=cmd_prepare)
+
+    tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
+        dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"
+    )
+    p = tok.add_parser("train", help="train a byte-level BPE on stories")
+    p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
+    p.add_argument("--vocab-size", type=_positive_int, default=4096)
+    p.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    p.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    p.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"gpt-tinystories: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpt-tinystories: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,403 @@
+"""The data pipeline as a few plain verbs: read stories, prepare token shards, draw batches of windows.
+
+stories (hub id | .txt | .jsonl | .parquet | folder)  ->  prepare()  ->  uint16 shards + meta.json
+->  TokenWindows: windows of context+1 tokens, a pure function of (seed, position)
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .tokenizer import EOS, Tokenizer
+
+DEFAULT_DATASET = "roneneldan/TinyStories"
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SHARD_TOKENS = 1 << 27  # 128M tokens: 256 MB per uint16 shard
+_READ_CHUNK = 8 << 20
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+# -- reading stories -----------------------------------------------------------------------------
+def find_files(source: str | os.PathLike) -> list[Path]:
+    """The supported files of a local source (a file or a folder searched recursively), sorted."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in SUPPORTED_SUFFIXES:
+            raise UserError(f"unsupported data file {path}; use one of: {', '.join(SUPPORTED_SUFFIXES)}")
+        return [path]
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
+    if not found:
+        raise UserError(f"folder {path} holds no {', '.join(SUPPORTED_SUFFIXES)} file; point --data at one")
+    return found
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    return not Path(source).exists() and bool(_HUB_ID.match(str(source)))
+
+
+def check_source(source: str | os.PathLike) -> None:
+    if not Path(source).exists() and not is_hub_id(source):
+        raise UserError(
+            f"data not found: {source}; pass a .txt, .jsonl or .parquet file, a folder of them, "
+            f"or a Hugging Face dataset id such as {DEFAULT_DATASET}"
+        )
+
+
+def iter_stories(source: str | os.PathLike, split: str = "train") -> Iterator[str]:
+    """Every story of a source, stripped, empty ones skipped. `split` applies to hub datasets only.
+
+    The source is checked (and a hub dataset loaded) before this returns, so errors come before any output.
+    """
+    check_source(source)
+    if is_hub_id(source):
+        return _stripped(_load_hub(str(source), split))
+    files = find_files(source)
+    readers = {".txt": _iter_txt, ".jsonl": _iter_jsonl, ".parquet": _iter_parquet}
+    return _stripped(story for path in files for story in readers[path.suffix](path))
+
+
+def _stripped(stories: Iterator[str | None]) -> Iterator[str]:
+    for story in stories:
+        story = (story or "").strip()
+        if story:
+            yield story
+
+
+def _iter_txt(path: Path) -> Iterator[str]:
+    """The official format: stories separated by `<|endoftext|>` (on a line of its own). Streams the file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, offset = "", 0
+    with open(path, "rb") as file:
+        while chunk := file.read(_READ_CHUNK):
+            if b"\x00" in chunk:
+                raise UserError(f"{path} looks binary (NUL byte at offset {offset + chunk.index(0)}); pass a text file")
+            try:
+                pending += decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise UserError(
+                    f"{path} is not valid UTF-8 (byte offset {offset + error.start}); re-encode it as UTF-8"
+                ) from None
+            offset += len(chunk)
+            *stories, pending = pending.split(EOS)
+            yield from stories
+    try:
+        pending += decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid UTF-8: it ends inside a character; re-encode it as UTF-8") from None
+    yield pending
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise UserError(
+                    f'{path}:{number} is not a JSON object in UTF-8; each line must be {{"text": ...}}'
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f'{path}:{number} has no string field "text"; each line must be {{"text": ...}}')
+            yield record["text"]
+
+
+def _iter_parquet(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid and friends
+        raise UserError(f"cannot read parquet file {path}: {str(error).splitlines()[0]}") from None
+    if "text" not in file.schema_arrow.names:
+        raise UserError(f'{path} has no "text" column (columns: {", ".join(file.schema_arrow.names)})')
+    for batch in file.iter_batches(columns=["text"]):
+        yield from batch.column(0).to_pylist()
+
+
+def _load_hub(dataset_id: str, split: str) -> Iterator[str]:
+    hint = "pass local files instead, e.g. --data TinyStories-train.txt (stories separated by <|endoftext|>)"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    if not offline and not _hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face hub to load {dataset_id}; {hint}")
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except (ConnectionError, OSError) as error:
+        raise UserError(f"cannot load {dataset_id} ({split}) from the Hugging Face hub ({error}); {hint}") from None
+    except ValueError as error:  # an unknown split
+        raise UserError(f"cannot load split {split!r} of {dataset_id}: {str(error).splitlines()[0]}") from None
+    if "text" not in dataset.column_names:
+        raise UserError(f'dataset {dataset_id} has no "text" column (columns: {", ".join(dataset.column_names)})')
+    return iter(dataset["text"])
+
+
+def _hub_reachable() -> bool:
+    # A DNS look-up fails at once without network, where datasets would retry for ~25 s before failing.
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+# -- prepared shards -----------------------------------------------------------------------------
+@dataclass
+class PreparedData:
+    """A prepared split: token shards (each story followed by EOS) and their metadata."""
+
+    path: Path
+    meta: dict
+    from_cache: bool = False
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> PreparedData:
+        path = Path(path)
+        meta_path = path / META_FILE
+        if not meta_path.is_file():
+            raise UserError(f"{path} is not prepared data (no {META_FILE}); run 'gpt-tinystories prepare'")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise UserError(f"{path} was prepared in format {meta.get('format')}; prepare it again")
+        return cls(path, meta)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.meta["tokens"]
+
+    def shards(self) -> list[np.ndarray]:
+        dtype = np.dtype(self.meta["dtype"])
+        return [
+            np.memmap(self.path / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],)) for s in self.meta["shards"]
+        ]
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if self.meta["tokenizer"]["hash"] != tokenizer.hash:
+            raise UserError(
+                f"{self.path} was prepared with tokenizer {self.meta['tokenizer']['name']} "
+                f"(hash {self.meta['tokenizer']['hash']}), not {tokenizer.name} (hash {tokenizer.hash}); "
+                "prepare the data again with the model's tokenizer"
+            )
+
+
+def default_cache_dir() -> Path:
+    root = (
+        os.environ.get("GPT_TINYSTORIES_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt-tinystories"
+    )
+    return Path(root) / "data"
+
+
+def _source_fingerprint(source: str | os.PathLike, split: str) -> dict:
+    if is_hub_id(source):
+        return {"hub": str(source), "split": split}
+    return {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in find_files(source)]}
+
+
+def prepare(
+    source: str | os.PathLike,
+    tokenizer: Tokenizer,
+    split: str = "train",
+    out: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 2048,
+    progress: bool = True,
+) -> PreparedData:
+    """Tokenize every story of `source`, append EOS to each, and pack them into uint16 (or uint32) shards.
+
+    The result goes to `out`, or else to a cache folder keyed by the source and the tokenizer: preparing the
+    same input again returns at once. Everything is written under a temporary name and renamed at the end.
+    """
+    check_source(source)
+    key_data = {
+        "format": FORMAT_VERSION,
+        "source": _source_fingerprint(source, split),
+        "tokenizer": tokenizer.hash,
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    target = Path(out) if out is not None else Path(cache_dir or default_cache_dir()) / f"{split}-{key}"
+    if (target / META_FILE).is_file():
+        existing = PreparedData.open(target)
+        if existing.meta.get("key") == key:
+            existing.from_cache = True
+            return existing
+        if out is not None:
+            raise UserError(f"{target} already holds other prepared data; choose another --out or delete it")
+    elif target.exists() and any(target.iterdir()):
+        raise UserError(f"{target} exists and is not prepared data; choose another --out")
+
+    stories_in = iter_stories(source, split)  # fails here, before any file or output, on a bad source
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    started = time.perf_counter()
+    total = None if is_hub_id(source) else sum(p.stat().st_size for p in find_files(source))
+    # disable=None shows the bar on a terminal only; leave=False clears it before any message that follows.
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {split}", leave=False,
+               disable=None if progress else True)  # fmt: skip
+    writer = _ShardWriter(tmp, dtype)
+    stories = text_bytes = 0
+    try:
+        for batch in _batched(stories_in, batch_size):
+            text_bytes += _encode_into(writer, tokenizer, batch)
+            stories += len(batch)
+            bar.update(text_bytes - bar.n)
+        shards = writer.close()
+        if stories == 0:
+            raise UserError(f"no stories found in {source}; is the file empty?")
+        meta = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "source": str(source),
+            "split": split,
+            "tokenizer": {
+                "name": tokenizer.name,
+                "hash": tokenizer.hash,
+                "vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id,
+            },
+            "dtype": dtype.name,
+            "stories": stories,
+            "tokens": sum(s["tokens"] for s in shards),
+            "text_bytes": text_bytes,
+            "shards": shards,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        _write_json_synced(tmp / META_FILE, meta)
+        if target.exists():  # an empty folder, or stale cached data under the same name
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        bar.close()
+        writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedData(target, meta)
+
+
+def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encode_into(writer: _ShardWriter, tokenizer: Tokenizer, stories: list[str]) -> int:
+    """Encode a batch of stories (in parallel), append EOS to each, write them; return their UTF-8 bytes."""
+    ids = tokenizer.encode_batch(stories)
+    eos = tokenizer.eos_id
+    for row in ids:
+        row.append(eos)  # every story ends with EOS: the model must learn to finish a story
+    writer.write(np.fromiter((t for row in ids for t in row), dtype=writer.dtype, count=sum(map(len, ids))))
+    return sum(len(s.encode()) for s in stories)
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, dtype: np.dtype) -> None:
+        self.directory, self.dtype = directory, dtype
+        self.shards: list[dict] = []
+        self.file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self.file is None or self.shards[-1]["tokens"] == SHARD_TOKENS:
+                self._next_shard()
+            room = SHARD_TOKENS - self.shards[-1]["tokens"]
+            self.file.write(tokens[:room].tobytes())
+            self.shards[-1]["tokens"] += len(tokens[:room])
+            tokens = tokens[room:]
+
+    def _next_shard(self) -> None:
+        self._close_file()
+        name = f"tokens-{len(self.shards):05d}.bin"
+        self.file = open(self.directory / name, "wb")  # noqa: SIM115 - closed by _close_file
+        self.shards.append({"file": name, "tokens": 0})
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+    def close(self) -> list[dict]:
+        self._close_file()
+        return self.shards
+
+
+def _write_json_synced(path: Path, data: dict) -> None:
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+# -- batches -------------------------------------------------------------------------------------
+class TokenWindows:
+    """Non-overlapping windows of `context_length + 1` tokens (inputs and shifted targets) of a prepared split.
+
+    Window order is a pure function of the seed: epoch e visits every window once, in a permutation drawn
+    from (seed, e). The batch at global position p is therefore the same in a resumed run and on any rank,
+    which is what exact resume and multi-process training rely on. With `seed=None` windows come in order
+    (fixed evaluation batches).
+    """
+
+    def __init__(self, data: PreparedData, context_length: int, seed: int | None = 0) -> None:
+        self.data, self.context_length, self.seed = data, context_length, seed
+        self.shards = data.shards()
+        counts = [max(len(shard) - 1, 0) // context_length for shard in self.shards]
+        self.starts = np.cumsum([0, *counts])
+        self.num_windows = int(self.starts[-1])
+        if self.num_windows == 0:
+            raise UserError(
+                f"{data.path} holds {data.num_tokens} tokens, fewer than one window of context_length + 1 = "
+                f"{context_length + 1}; use a smaller context_length or more data"
+            )
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    @lru_cache(maxsize=2)  # noqa: B019 - the cache lives as long as the sampler, which is what we want
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+
+    def window_index(self, position: int) -> int:
+        epoch, index = divmod(position, self.num_windows)
+        return index if self.seed is None else int(self._order(epoch)[index])
+
+    def window(self, index: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        start = (index - int(self.starts[shard])) * self.context_length
+        return self.shards[shard][start : start + self.context_length + 1]
+
+    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""
+        rows = np.stack([self.window(self.window_index(p)) for p in range(first, first + count)]).astype(np.int64)
+        tokens = torch.from_numpy(rows)
+        return tokens[:, :-1], tokens[:, 1:]

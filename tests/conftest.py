@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Never touch the Hugging Face hub from a test: set before anything imports huggingface_hub or datasets.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+SAMPLE_DIR = Path(
+    os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories")
+)
+SAMPLE_FILES = ["train-head.txt", "validation-first1000.txt", "v2-gpt4-train-head.txt", "fixture-5-stories.txt"]
+
+
+def sample(name: str) -> Path:
+    path = SAMPLE_DIR / name
+    if not path.is_file():
+        pytest.fail(
+            f"TinyStories sample {path} is missing: tests read ../shared/data/tinystories beside the repo "
+            "(or set TINYSTORIES_SAMPLE_DIR)"
+        )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # Prepared data goes to a temporary cache, never to ~/.cache or beside the (read-only) sample.
+    monkeypatch.setenv("GPT_TINYSTORIES_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def gpt2():
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    """A 4096-token BPE trained on the train head, as a CPU quick start would."""
+    from gpt_tinystories.data import iter_stories
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    return Tokenizer.train(iter_stories(sample("train-head.txt")), 4096)
