@@ -33,7 +33,7 @@ def test_prepared_tokens_are_each_story_then_eos(gpt2, tmp_path):
     assert prepared.meta["text_bytes"] == sum(len(s.encode()) for s in stories)
     assert prepared.meta["tokenizer"]["hash"] == gpt2.hash
     assert prepared.meta["dtype"] == "uint16"
-    (shard,) = prepared.shards()
+    (shard,) = prepared.tokens()
     assert shard.dtype == np.uint16 and len(shard) == expected
     first = gpt2.encode(stories[0]) + [gpt2.eos_id] + gpt2.encode(stories[1]) + [gpt2.eos_id]
     assert shard[: len(first)].tolist() == first
@@ -50,7 +50,7 @@ def test_shards_split_at_the_shard_size(bpe, tmp_path, monkeypatch):
     assert all(size == 300 for size in sizes[:-1]) and sum(sizes) == prepared.num_tokens > 600
     stories = list(iter_stories(sample("fixture-5-stories.txt")))
     expected = [t for ids in bpe.encode_batch(stories) for t in [*ids, bpe.eos_id]]
-    assert np.concatenate(prepared.shards()).tolist() == expected
+    assert np.concatenate(prepared.tokens()).tolist() == expected
 
 
 def test_large_vocabularies_use_uint32(tmp_path):
@@ -64,7 +64,7 @@ def test_large_vocabularies_use_uint32(tmp_path):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     prepared = prepare(tmp_path / "s.txt", big, out=tmp_path / "p", progress=False)
     assert prepared.meta["dtype"] == "uint32"
-    assert prepared.shards()[0].tolist() == [69999, 1, 70000, 2, 70000]
+    assert prepared.tokens()[0].tolist() == [69999, 1, 70000, 2, 70000]
 
 
 def test_prepare_is_cached_by_source_and_tokenizer(gpt2, bpe, tmp_path):
@@ -93,7 +93,7 @@ def test_jsonl_parquet_and_folders_give_the_same_tokens_as_txt(bpe, tmp_path):
     assert list(iter_stories(folder)) == stories
     from_folder = prepare(folder, bpe, out=tmp_path / "f", progress=False)
     from_txt = prepare(sample("fixture-5-stories.txt"), bpe, out=tmp_path / "t", progress=False)
-    assert from_folder.shards()[0].tolist() == from_txt.shards()[0].tolist()
+    assert from_folder.tokens()[0].tolist() == from_txt.tokens()[0].tolist()
 
 
 def test_hub_datasets_load_through_datasets_load_dataset(gpt2, monkeypatch, tmp_path):
@@ -165,31 +165,42 @@ def prepared(tmp_path_factory, bpe):
 
 
 def test_windows_are_a_pure_function_of_seed_and_position(prepared):
-    windows = TokenWindows(prepared, context_length=64, seed=7)
+    windows = TokenWindows(prepared.tokens(), context_length=64, seed=7)
     x, y = windows.batch(100, 8)
     assert x.shape == y.shape == (8, 64) and x.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
     # A fresh sampler (a resumed run) and two ranks' slices see the very same rows.
-    again = TokenWindows(prepared, context_length=64, seed=7)
+    again = TokenWindows(prepared.tokens(), context_length=64, seed=7)
     halves = [again.batch(100, 4), again.batch(104, 4)]
     assert torch.equal(torch.cat([h[0] for h in halves]), x)
-    assert not torch.equal(TokenWindows(prepared, context_length=64, seed=8).batch(100, 8)[0], x)
+    assert not torch.equal(TokenWindows(prepared.tokens(), context_length=64, seed=8).batch(100, 8)[0], x)
 
 
 def test_each_epoch_visits_every_window_once_in_a_new_order(prepared):
-    windows = TokenWindows(prepared, context_length=128, seed=0)
+    windows = TokenWindows(prepared.tokens(), context_length=128, seed=0)
     n = len(windows)
     assert n == (prepared.num_tokens - 1) // 128
     epoch0 = [windows.window_index(p) for p in range(n)]
     epoch1 = [windows.window_index(p) for p in range(n, 2 * n)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(n))
     assert epoch0 != epoch1
-    tokens = prepared.shards()[0]
-    in_order = TokenWindows(prepared, context_length=128, seed=None)
+    tokens = prepared.tokens()[0]
+    in_order = TokenWindows(prepared.tokens(), context_length=128, seed=None)
     x, y = in_order.batch(3, 1)
     assert x[0].tolist() == tokens[3 * 128 : 4 * 128].tolist() and y[0, -1] == tokens[4 * 128]
 
 
+def test_holdout_cuts_at_a_story_boundary(prepared, bpe, monkeypatch):
+    head, tail = prepared.holdout(0.1)
+    (stream,) = prepared.tokens()
+    assert np.concatenate(head + tail).tolist() == stream.tolist()
+    assert head[-1][-1] == bpe.eos_id and sum(map(len, tail)) == pytest.approx(0.1 * len(stream), rel=0.05)
+    monkeypatch.setattr(data, "SHARD_TOKENS", 10_000)  # across shards too
+    sharded = prepare(sample("validation-first1000.txt"), bpe, progress=False)
+    head2, tail2 = sharded.holdout(0.1)
+    assert np.concatenate(head2).tolist() == np.concatenate(head).tolist() and len(sharded.tokens()) > 10
+
+
 def test_too_little_data_for_one_window_is_an_error(prepared):
     with pytest.raises(UserError, match="fewer than one window"):
-        TokenWindows(prepared, context_length=prepared.num_tokens)
+        TokenWindows(prepared.tokens(), context_length=prepared.num_tokens)

@@ -67,3 +67,12 @@ def test_bad_tokenizer_files_raise_user_errors(tmp_path):
         Tokenizer.load(tmp_path)
     with pytest.raises(UserError, match="too small"):
         Tokenizer.train(["a story"], 100)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_token_bytes_add_up_to_the_utf8_length_of_the_text(kind, request):
+    tokenizer = request.getfixturevalue(kind)
+    lengths = tokenizer.token_bytes()
+    assert lengths[tokenizer.eos_id] == 0
+    for story in iter_stories(sample("v2-gpt4-train-head.txt")):
+        assert sum(lengths[i] for i in tokenizer.encode(story)) == len(story.encode())

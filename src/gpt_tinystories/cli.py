@@ -69,6 +69,62 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE (hash {tokenizer.hash}) -> {path}")
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, load_config_file
+    from .train import train
+
+    values = load_config_file(args.config) if args.config else {}
+    values.update({name: getattr(args, name) for name in _config_names() if hasattr(args, name)})
+    config = TrainConfig.from_dict(values, source=args.config or "train config")
+    out = args.out or f"runs/{config.preset}"
+    result = train(config, out, resume=args.resume)
+    if result.stopped_by_signal:
+        return 128 + result.stopped_by_signal
+    print(f"done: step {result.step}, {result.tokens:,} tokens, val loss {result.val_loss:.4f}, "
+          f"{result.val_bpb:.4f} bits/byte -> {result.run_dir}")  # fmt: skip
+    return 0
+
+
+def _config_names() -> list[str]:
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--max-steps for max_steps ...); given flags override the config file."""
+    import typing
+    from dataclasses import MISSING, fields
+
+    from .config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("config values (override --config)")
+    for field in fields(TrainConfig):
+        kind = next(t for t in (typing.get_args(hints[field.name]) or [hints[field.name]]) if t is not type(None))
+        flag = "--" + field.name.replace("_", "-")
+        default = None if field.default is MISSING else field.default
+        if kind is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            continue
+        group.add_argument(flag, dest=field.name, type=_typed(kind), default=argparse.SUPPRESS,
+                           metavar=kind.__name__.upper(), help=f"default: {_describe(default)}")  # fmt: skip
+
+
+def _typed(kind: type):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            kind_name = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind_name}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpt-tinystories", description="Train, evaluate and sample small GPTs on TinyStories.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -87,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache root (default: $GPT_TINYSTORIES_CACHE or ~/.cache/gpt-tinystories)")
     p.set_defaults(func=cmd_prepare)
 
+    p = verbs.add_parser("train", help="train a model (resumes when the run dir holds a checkpoint of it)")
+    p.add_argument("--config", help="a TOML or JSON file of config values")
+    p.add_argument("--out", help="run dir (default: runs/PRESET)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"
     )
@@ -102,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as error:
         if args.debug:
             raise
@@ -111,4 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpt-tinystories: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
+
+
+def _describe(default: object) -> str:
+    return "set by the preset or unlimited" if default is None else str(default)

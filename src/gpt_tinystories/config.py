@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import tomllib
+import typing
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .errors import UserError
 
@@ -83,3 +89,169 @@ class ModelConfig:
         body = self.n_layer * per_layer + layer_norm
         embeddings = self.vocab_size * d + self.context_length * d  # LM head is tied to the token embedding
         return body if non_embedding else body + embeddings
+
+
+# Training defaults per preset, and why:
+# - lr: smaller widths tolerate (and need) larger steps; the values follow the usual ~1/width trend of GPT
+#   recipes and were checked on the shared sample (1M/3M diverge above ~5e-3 at these batch sizes).
+# - tokens_per_step: ~32k tokens per optimizer step keeps tiny models stepping often on a CPU; larger models
+#   get larger batches, where gradient noise, not step count, limits them.
+# - warmup_steps: long enough for AdamW's second-moment estimates to settle before the peak lr.
+TRAIN_PRESETS: dict[str, dict[str, float | int]] = {
+    "1M": {"lr": 3e-3, "tokens_per_step": 32_768, "warmup_steps": 100},
+    "3M": {"lr": 2e-3, "tokens_per_step": 32_768, "warmup_steps": 100},
+    "8M": {"lr": 1e-3, "tokens_per_step": 65_536, "warmup_steps": 200},
+    "28M": {"lr": 6e-4, "tokens_per_step": 131_072, "warmup_steps": 300},
+    "33M": {"lr": 6e-4, "tokens_per_step": 131_072, "warmup_steps": 300},
+    "28M-seed": {"lr": 3e-4, "tokens_per_step": 131_072, "warmup_steps": 500},
+}
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. `None` means "the preset's default"; `resolved()` fills them in."""
+
+    # what to train, on what
+    preset: str = "8M"
+    data: str = "roneneldan/TinyStories"
+    val_data: str | None = None  # default: the hub's validation split, or a held-out tail of local data
+    val_fraction: float = 0.05  # share of local data held out for validation when val_data is not given
+    tokenizer: str = "bpe-4096"  # gpt2 | bpe-N (trained on the training data) | path to a tokenizer.json
+    context_length: int | None = None
+    d_model: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    dropout: float = 0.0
+    # optimisation: AdamW, linear warmup then cosine decay to min_lr_ratio * lr
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    batch_size: int = 16  # sequences per micro-step; accumulation makes up tokens_per_step
+    tokens_per_step: int | None = None
+    # budget: training stops at the first one reached (default: one epoch)
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_epochs: float | None = None
+    max_time: str | None = None  # e.g. "90s", "15m", "2h"
+    # evaluation, logging, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_tokens: int = 64
+    log_every: int = 10
+    checkpoint_every: int | None = None  # default: at every evaluation
+    keep_last: int = 2
+    # machine
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | bf16 | fp32; auto measures bf16 against fp32 on CPUs
+    compile: bool = False
+    threads: int | None = None
+    wandb: bool = False
+    wandb_project: str = "gpt-tinystories"
+
+    # Fields that may change when a run is resumed: they do not alter the trajectory of the weights.
+    RESUMABLE_CHANGES = frozenset(
+        {"max_steps", "max_tokens", "max_epochs", "max_time", "eval_every", "eval_batches", "log_every",
+         "checkpoint_every", "keep_last", "device", "compile", "threads", "wandb", "wandb_project", "sample_tokens"}
+    )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "train config") -> TrainConfig:
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
+        checked = {name: _check_type(name, value, hints[name], source) for name, value in values.items()}
+        return cls(**checked)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the preset's defaults filled in, validated: what a run dir records."""
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        defaults = TRAIN_PRESETS[self.preset]
+        values = self.to_dict()
+        for name in ("lr", "tokens_per_step", "warmup_steps"):
+            if values[name] is None:
+                values[name] = defaults[name]
+        if values["context_length"] is None:
+            values["context_length"] = ModelConfig.context_length
+        if all(values[k] is None for k in ("max_steps", "max_tokens", "max_epochs", "max_time")):
+            values["max_epochs"] = 1.0
+        config = TrainConfig(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        positive = ("lr", "batch_size", "tokens_per_step", "eval_every", "eval_batches", "log_every", "keep_last",
+                    "max_steps", "max_tokens", "max_epochs", "checkpoint_every", "threads")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{name} must be > 0, got {value}")
+        for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "val_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+        self.model_config(vocab_size=1)  # width, heads and context checks
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        overrides = {k: getattr(self, k) for k in ("d_model", "n_layer", "n_head", "context_length", "dropout")}
+        return ModelConfig.from_preset(self.preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "15m", "1.5h"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"max_time must be a positive duration such as 90s, 15m or 2h, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Values from a TOML or JSON config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".json":
+            values = json.loads(path.read_text())
+        elif path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        else:
+            raise UserError(f"config file {path} must be .toml or .json")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot parse config file {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a table of key = value pairs")
+    return values
+
+
+def _check_type(name: str, value: object, hint: object, source: str) -> object:
+    allowed = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return value
+    names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true/false"}[k] for k in allowed)
+    raise UserError(f"{source}: {name} must be {names}, got {value!r}")

@@ -39,6 +39,8 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def find_files(source: str | os.PathLike) -> list[Path]:
     """The supported files of a local source (a file or a folder searched recursively), sorted."""
     path = Path(source)
+    if is_prepared(path):
+        raise UserError(f"{path} holds prepared tokens, not stories; pass the text it was prepared from")
     if path.is_file():
         if path.suffix not in SUPPORTED_SUFFIXES:
             raise UserError(f"unsupported data file {path}; use one of: {', '.join(SUPPORTED_SUFFIXES)}")
@@ -47,6 +49,11 @@ def find_files(source: str | os.PathLike) -> list[Path]:
     if not found:
         raise UserError(f"folder {path} holds no {', '.join(SUPPORTED_SUFFIXES)} file; point --data at one")
     return found
+
+
+def is_prepared(source: str | os.PathLike) -> bool:
+    """A folder written by prepare()."""
+    return (Path(source) / META_FILE).is_file()
 
 
 def is_hub_id(source: str | os.PathLike) -> bool:
@@ -172,7 +179,7 @@ class PreparedData:
     from_cache: bool = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> PreparedData:
+    def open(cls, path: str | os.PathLike, from_cache: bool = False) -> PreparedData:
         path = Path(path)
         meta_path = path / META_FILE
         if not meta_path.is_file():
@@ -180,17 +187,30 @@ class PreparedData:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise UserError(f"{path} was prepared in format {meta.get('format')}; prepare it again")
-        return cls(path, meta)
+        return cls(path, meta, from_cache)
 
     @property
     def num_tokens(self) -> int:
         return self.meta["tokens"]
 
-    def shards(self) -> list[np.ndarray]:
+    def tokens(self) -> list[np.ndarray]:
+        """The token stream, one read-only memmap per shard."""
         dtype = np.dtype(self.meta["dtype"])
         return [
             np.memmap(self.path / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],)) for s in self.meta["shards"]
         ]
+
+    def holdout(self, fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The token stream cut at a story boundary: (the first 1 - fraction, the last ~fraction)."""
+        arrays, eos = self.tokens(), self.meta["tokenizer"]["eos_id"]
+        cut = int(self.num_tokens * (1 - fraction))
+        for i, array in enumerate(arrays):
+            if cut < len(array):
+                ends = np.flatnonzero(array[:cut] == eos)  # the last story end before the cut
+                cut = int(ends[-1]) + 1 if len(ends) else cut
+                return [*arrays[:i], array[:cut]], [array[cut:], *arrays[i + 1 :]]
+            cut -= len(array)
+        return arrays, []
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         if self.meta["tokenizer"]["hash"] != tokenizer.hash:
@@ -229,6 +249,8 @@ def prepare(
     The result goes to `out`, or else to a cache folder keyed by the source and the tokenizer: preparing the
     same input again returns at once. Everything is written under a temporary name and renamed at the end.
     """
+    if is_prepared(source):  # already prepared: use as it is
+        return PreparedData.open(source, from_cache=True)
     check_source(source)
     key_data = {
         "format": FORMAT_VERSION,
@@ -360,7 +382,7 @@ def _write_json_synced(path: Path, data: dict) -> None:
 
 # -- batches -------------------------------------------------------------------------------------
 class TokenWindows:
-    """Non-overlapping windows of `context_length + 1` tokens (inputs and shifted targets) of a prepared split.
+    """Non-overlapping windows of `context_length + 1` tokens (inputs and shifted targets) of a token stream.
 
     Window order is a pure function of the seed: epoch e visits every window once, in a permutation drawn
     from (seed, e). The batch at global position p is therefore the same in a resumed run and on any rank,
@@ -368,15 +390,14 @@ class TokenWindows:
     (fixed evaluation batches).
     """
 
-    def __init__(self, data: PreparedData, context_length: int, seed: int | None = 0) -> None:
-        self.data, self.context_length, self.seed = data, context_length, seed
-        self.shards = data.shards()
-        counts = [max(len(shard) - 1, 0) // context_length for shard in self.shards]
+    def __init__(self, tokens: list[np.ndarray], context_length: int, seed: int | None = 0, name: str = "data") -> None:
+        self.arrays, self.context_length, self.seed = tokens, context_length, seed
+        counts = [max(len(array) - 1, 0) // context_length for array in tokens]
         self.starts = np.cumsum([0, *counts])
         self.num_windows = int(self.starts[-1])
         if self.num_windows == 0:
             raise UserError(
-                f"{data.path} holds {data.num_tokens} tokens, fewer than one window of context_length + 1 = "
+                f"{name} holds {sum(map(len, tokens)):,} tokens, fewer than one window of context_length + 1 = "
                 f"{context_length + 1}; use a smaller context_length or more data"
             )
 
@@ -392,12 +413,12 @@ class TokenWindows:
         return index if self.seed is None else int(self._order(epoch)[index])
 
     def window(self, index: int) -> np.ndarray:
-        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        start = (index - int(self.starts[shard])) * self.context_length
-        return self.shards[shard][start : start + self.context_length + 1]
+        array = int(np.searchsorted(self.starts, index, side="right")) - 1
+        start = (index - int(self.starts[array])) * self.context_length
+        return self.arrays[array][start : start + self.context_length + 1]
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""
-        rows = np.stack([self.window(self.window_index(p)) for p in range(first, first + count)]).astype(np.int64)
-        tokens = torch.from_numpy(rows)
+        rows = np.stack([self.window(self.window_index(p)) for p in range(first, first + count)])
+        tokens = torch.from_numpy(rows.astype(np.int64))
         return tokens[:, :-1], tokens[:, 1:]

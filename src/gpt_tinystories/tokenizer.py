@@ -99,6 +99,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self) -> list[int]:
+        """How many bytes of text each token stands for (0 for EOS, which is not text): for bits per byte."""
+        if isinstance(self.backend.decoder, decoders.ByteLevel):  # one character per byte in the token string
+            lengths = [len(self.backend.id_to_token(i)) for i in range(self.vocab_size)]
+        else:
+            lengths = [len(self.backend.decode([i]).encode()) for i in range(self.vocab_size)]
+        lengths[self.eos_id] = 0
+        return lengths
+
     @cached_property
     def hash(self) -> str:
         """A stable fingerprint of the vocabulary, merges and rules: same hash, same token ids."""

@@ -1,0 +1,410 @@
+"""The training loop: AdamW with warmup + cosine decay, accumulation, autocast, exact resume.
+
+`train(config, run_dir)` is the whole job: tokenizer, data, model, loop, evaluation, checkpoints. Every batch
+is a pure function of (seed, step), and the weights, optimizer and RNG state are checkpointed together, so a
+resumed CPU run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import TrainConfig, parse_duration
+from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
+from .errors import UserError
+from .evaluate import evaluate
+from .generate import sample
+from .metrics import RunLog
+from .model import GPT
+from .tokenizer import TOKENIZER_FILE, Tokenizer
+
+SAMPLE_PROMPT = "One day, a little girl named Lily found a needle in her room."
+BPE_TRAINING_BYTES = 200 << 20  # a 4096-token BPE needs far less text than the whole dataset
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    val_loss: float | None
+    val_bpb: float | None
+    stopped_by_signal: int | None = None
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu (or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def load_tokenizer(spec: str, data: str) -> Tokenizer:
+    """`gpt2`, `bpe-N` (a BPE of N tokens trained on the first stories of `data`), or a tokenizer.json path."""
+    if spec.startswith("bpe-") and spec[4:].isdigit():
+        if is_prepared(data):
+            raise UserError(f"--data {data} is prepared data: pass the --tokenizer it was prepared with, not {spec}")
+        return Tokenizer.train(_first_bytes(iter_stories(data, "train"), BPE_TRAINING_BYTES), int(spec[4:]))
+    if spec != "gpt2" and not Path(spec).exists():
+        raise UserError(f"tokenizer {spec!r} not found; use gpt2, bpe-N (e.g. bpe-4096) or a tokenizer.json path")
+    return Tokenizer.load(spec)
+
+
+def _first_bytes(stories: Iterator[str], limit: int) -> Iterator[str]:
+    total = 0
+    for story in stories:
+        yield story
+        total += len(story)
+        if total >= limit:
+            return
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def choose_precision(requested: str, device: torch.device, model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """bf16 autocast where it is faster: always on CUDA with bf16, measured on CPUs (it depends on AVX-512 BF16)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type != "cpu":
+        return "fp32"
+    inputs, targets = (t[:4].to(device) for t in batch)
+    timings = {}
+    with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift the run's RNG stream
+        for precision in ("fp32", "bf16", "fp32", "bf16"):  # the first of each is a warm-up
+            started = time.perf_counter()
+            with autocast_for(device, precision):
+                _, loss = model(inputs, targets)
+            loss.backward()
+            timings[precision] = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    return "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
+
+
+def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Decay matrices and embeddings only: decaying biases and LayerNorm gains only hurts.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **fused)
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio * lr as `progress` goes 0 -> 1."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+# -- the run -------------------------------------------------------------------------------------
+class _Budget:
+    """Where the run is between start and its first-reached limit (steps, tokens, epochs or time)."""
+
+    def __init__(self, config: TrainConfig, tokens_per_step: int, windows_per_step: int, num_windows: int) -> None:
+        limits = []
+        if config.max_steps is not None:
+            limits.append(config.max_steps)
+        if config.max_tokens is not None:
+            limits.append(math.ceil(config.max_tokens / tokens_per_step))
+        if config.max_epochs is not None:
+            limits.append(math.ceil(config.max_epochs * num_windows / windows_per_step))
+        self.total_steps = min(limits) if limits else None
+        self.max_seconds = parse_duration(config.max_time) if config.max_time is not None else None
+        self.warmup = config.warmup_steps
+
+    def progress(self, step: int, seconds: float) -> float:
+        """Fraction of the decay phase done: by steps, or by wall time for a time-only budget."""
+        parts = [seconds / self.max_seconds] if self.max_seconds else []
+        if self.total_steps is not None:
+            parts.append((step - self.warmup) / max(self.total_steps - self.warmup, 1))
+        return max(parts)
+
+    def done(self, step: int, seconds: float) -> bool:
+        return (self.total_steps is not None and step >= self.total_steps) or (
+            self.max_seconds is not None and seconds >= self.max_seconds
+        )
+
+
+def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from, if any; refuses a run dir that holds a run of other settings."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; choose a folder for the run")
+    latest = checkpoint.latest(run_dir)
+    if latest is None:
+        if resume:
+            raise UserError(f"--resume: {run_dir} holds no checkpoint; drop --resume to start a new run there")
+        return None
+    saved = TrainConfig.from_dict(checkpoint.load_meta(latest)["train_config"], source=str(latest))
+    changed = [
+        f.name
+        for f in fields(TrainConfig)
+        if getattr(saved, f.name) != getattr(config, f.name) and f.name not in TrainConfig.RESUMABLE_CHANGES
+    ]
+    if changed:
+        diff = ", ".join(f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}" for name in changed)
+        raise UserError(
+            f"{run_dir} holds a checkpoint of a different config ({diff}); pass another --out for a "
+            "new run, or the same settings to resume this one"
+        )
+    return latest
+
+
+def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) a model into `run_dir`. Every check that can fail runs before anything is written."""
+    config = config.resolved()
+    run_dir = Path(run_dir)
+    device = pick_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    resume_from = check_run_dir(run_dir, config, resume)
+    meta = checkpoint.load_meta(resume_from) if resume_from else None
+
+    # Tokenizer and data. A resumed run reuses the tokenizer it was trained with.
+    if meta is not None:
+        tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
+        if tokenizer.hash != meta["tokenizer"]["hash"]:
+            raise UserError(f"{run_dir / TOKENIZER_FILE} is not the tokenizer of checkpoint {resume_from}; restore it")
+    else:
+        tokenizer = load_tokenizer(config.tokenizer, config.data)
+    train_data = prepare(config.data, tokenizer, split="train", progress=progress)
+    train_data.check_tokenizer(tokenizer)
+    if config.val_data is not None:
+        train_tokens, val_tokens = (
+            train_data.tokens(),
+            prepare(config.val_data, tokenizer, "validation", progress=progress).tokens(),
+        )
+    elif is_hub_id(config.data):
+        train_tokens, val_tokens = (
+            train_data.tokens(),
+            prepare(config.data, tokenizer, "validation", progress=progress).tokens(),
+        )
+    else:
+        train_tokens, val_tokens = train_data.holdout(config.val_fraction)
+    context = config.context_length
+    train_windows = TokenWindows(train_tokens, context, seed=config.seed, name=f"training data {config.data}")
+    val_windows = TokenWindows(val_tokens, context, seed=None, name="validation data")
+    world_size, rank = 1, 0
+    if config.batch_size * world_size > len(train_windows):
+        raise UserError(
+            f"batch_size {config.batch_size} exceeds the {len(train_windows)} windows of {context + 1} "
+            "tokens in the training data; use a smaller batch_size or context_length, or more data"
+        )
+    accumulation = math.ceil(config.tokens_per_step / (config.batch_size * context * world_size))
+    windows_per_step = accumulation * config.batch_size * world_size
+    tokens_per_step = windows_per_step * context
+    budget = _Budget(config, tokens_per_step, windows_per_step, len(train_windows))
+
+    # Model, optimizer, state.
+    model_config = config.model_config(tokenizer.vocab_size)
+    torch.manual_seed(config.seed)
+    model = GPT(model_config).to(device)
+    optimizer = make_optimizer(model, config, device)
+    step, train_seconds, best_val = 0, 0.0, float("inf")
+    if meta is not None:
+        checkpoint.load_weights(resume_from, model)
+        state = checkpoint.load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, train_seconds, best_val = meta["step"], meta["train_seconds"], meta["best_val_loss"]
+        precision = meta["precision"]
+    else:
+        precision = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
+    autocast = autocast_for(device, precision)
+    forward = torch.compile(model) if config.compile else model
+
+    # Only now touch the run dir.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir)
+    resolved = {
+        "train": config.to_dict(),
+        "model": model_config.to_dict(),
+        "precision": precision,
+        "accumulation": accumulation,
+        "tokens_per_step": tokens_per_step,
+        "total_steps": budget.total_steps,
+    }
+    _write_json(run_dir / "config.json", resolved)
+    log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    prompt = tokenizer.encode(SAMPLE_PROMPT)
+
+    def save(val_loss: float | None) -> None:
+        nonlocal best_val
+        ckpt_meta = {
+            "step": step,
+            "tokens": step * tokens_per_step,
+            "train_seconds": train_seconds,
+            "val_loss": val_loss,
+            "best_val_loss": min(best_val, val_loss or best_val),
+            "precision": precision,
+            "model_config": model_config.to_dict(),
+            "train_config": config.to_dict(),
+            "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "file": f"../../{TOKENIZER_FILE}"},
+        }
+        trainer_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        checkpoint.save(run_dir / checkpoint.CHECKPOINTS / f"step-{step:06d}", model, ckpt_meta, trainer_state)
+        checkpoint.prune(run_dir, config.keep_last)
+        if val_loss is not None and val_loss < best_val:
+            best_val = val_loss
+            checkpoint.save(run_dir / checkpoint.CHECKPOINTS / "best", model, {**ckpt_meta, "best_val_loss": val_loss})
+
+    def evaluate_and_sample() -> tuple[float, float]:
+        result = evaluate(model, val_windows, token_bytes, config.batch_size, config.eval_batches, autocast)
+        generator = torch.Generator().manual_seed(config.seed)
+        with autocast:
+            story = sample(
+                model,
+                prompt,
+                config.sample_tokens,
+                temperature=0.8,
+                top_k=50,
+                eos_id=tokenizer.eos_id,
+                generator=generator,
+            )
+        text = tokenizer.decode(prompt + story)
+        log.record(
+            {
+                "kind": "eval",
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "val_loss": result.loss,
+                "val_bpb": result.bits_per_byte,
+                "sample": text,
+            }
+        )
+        log.print(f"step {step}: val loss {result.loss:.4f}, {result.bits_per_byte:.4f} bits/byte | {text!r}")
+        log.plot()
+        return result.loss, result.bits_per_byte
+
+    stop_signal: list[int] = []
+    previous_handlers = _catch_signals(stop_signal)
+    verb = "resuming from step" if meta else "training from step"
+    log.print(
+        f"{verb} {step}: {config.preset} ({model.num_parameters():,} parameters, {model.num_parameters(True):,} "
+        f"non-embedding), tokenizer {tokenizer.name} ({tokenizer.vocab_size}), {device} {precision}, "
+        f"{tokens_per_step:,} tokens/step ({config.batch_size}x{context} x {accumulation} accumulation), "
+        f"{len(train_windows):,} training windows, budget {budget.total_steps or '-'} steps"
+        f"{f' / {config.max_time}' if config.max_time else ''} -> {run_dir}"
+    )
+    bar = tqdm(total=budget.total_steps, initial=step, unit="step", disable=None if progress else True, leave=False)
+    val_loss = val_bpb = None
+    last_saved = step if meta else -1
+    session_start, session_step = time.perf_counter(), step
+    try:
+        model.train()
+        while not budget.done(step, train_seconds) and not stop_signal:
+            step_start = time.perf_counter()
+            lr = learning_rate(config, step, budget.progress(step, train_seconds))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                first = ((step * accumulation + micro) * world_size + rank) * config.batch_size
+                inputs, targets = (
+                    t.to(device, non_blocking=True) for t in train_windows.batch(first, config.batch_size)
+                )
+                with autocast:
+                    _, loss = forward(inputs, targets)
+                loss_sum += loss.detach()
+                (loss / accumulation).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_seconds += time.perf_counter() - step_start
+            bar.update()
+            if step % config.log_every == 0 or step == 1:
+                loss_value = loss_sum.item() / accumulation
+                speed = (step - session_step) * tokens_per_step / (time.perf_counter() - session_start)
+                log.record(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "tokens": step * tokens_per_step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "grad_norm": grad_norm.item(),
+                        "tokens_per_second": speed,
+                        "epoch": step * windows_per_step / len(train_windows),
+                        "seconds": train_seconds,
+                    }
+                )
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+                if bar.disable:
+                    log.print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:,.0f} tokens/s")
+            evaluating = step % config.eval_every == 0
+            if evaluating:
+                val_loss, val_bpb = evaluate_and_sample()
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or (
+                evaluating and not config.checkpoint_every
+            ):
+                save(val_loss if evaluating else None)
+                last_saved = step
+        if step != last_saved:
+            if not stop_signal:
+                val_loss, val_bpb = evaluate_and_sample()
+            save(None if stop_signal else val_loss)
+    finally:
+        bar.close()
+        _restore_signals(previous_handlers)
+        log.close()
+    if stop_signal:
+        print(f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved; run the same command to resume")
+    return TrainResult(
+        run_dir, step, step * tokens_per_step, val_loss, val_bpb, stop_signal[0] if stop_signal else None
+    )
+
+
+def _catch_signals(stop: list[int]) -> dict:
+    """SIGINT/SIGTERM finish the current step, checkpoint and return; a second Ctrl-C stops at once."""
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,240 @@
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sample
+
+from gpt_tinystories import checkpoint
+from gpt_tinystories.config import TrainConfig
+from gpt_tinystories.errors import UserError
+from gpt_tinystories.model import GPT
+from gpt_tinystories.train import _Budget, choose_precision, learning_rate, make_optimizer, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory, bpe):
+    return str(bpe.save(tmp_path_factory.mktemp("tok")))
+
+
+def tiny(tokenizer_file, **overrides):
+    """A model small enough to train in seconds, with dropout so the RNG state matters on resume."""
+    values = dict(preset="1M", data=str(sample("validation-first1000.txt")), tokenizer=tokenizer_file,
+                  d_model=32, n_layer=2, n_head=4, context_length=64, dropout=0.1, batch_size=4,
+                  tokens_per_step=512, warmup_steps=3, lr=3e-3, max_steps=12, eval_every=4, eval_batches=2,
+                  log_every=1, sample_tokens=8, precision="fp32")  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def records(run_dir, kind):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, tokenizer_file):
+    config = tiny(tokenizer_file)
+    full = train(config, tmp_path / "full", progress=False)
+    assert full.step == 12
+    # Interrupt a second run after step 8 (its newest checkpoint), then resume it.
+    train(config, tmp_path / "resumed", progress=False)
+    step12 = tmp_path / "resumed" / "checkpoints" / "step-000012"
+    checkpoint.prune(tmp_path / "resumed", keep_last=10)
+    import shutil
+
+    shutil.rmtree(step12)
+    assert checkpoint.latest(tmp_path / "resumed").name == "step-000008"
+    resumed = train(config, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.step == 12
+    losses = [r["loss"] for r in records(tmp_path / "full", "train")]
+    assert [r["loss"] for r in records(tmp_path / "resumed", "train")] == losses  # exact, not approximate
+    assert [r["step"] for r in records(tmp_path / "resumed", "train")] == list(range(1, 13))
+    assert resumed.val_loss == full.val_loss
+    assert digest(step12 / "model.safetensors") == digest(
+        tmp_path / "full" / "checkpoints" / "step-000012" / "model.safetensors"
+    )
+
+
+def test_the_run_dir_holds_everything_a_user_looks_for(tmp_path, tokenizer_file):
+    result = train(tiny(tokenizer_file, max_steps=40, eval_every=10, dropout=0.0), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "train.log", "checkpoints"} <= names
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["train"]["lr"] == 3e-3 and resolved["model"]["d_model"] == 32 and resolved["accumulation"] == 2
+    evals = records(run, "eval")
+    assert [r["step"] for r in evals] == [10, 20, 30, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(4096)  # it learns
+    assert all(r["sample"].startswith("One day, a little girl named Lily found a needle in her room.") for r in evals)
+    assert evals[-1]["sample"] in (run / "train.log").read_text()
+    assert 0.5 < evals[-1]["val_bpb"] < evals[0]["val_bpb"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step-000030", "step-000040"]
+    best = checkpoint.load_meta(run / "checkpoints" / "best")
+    assert best["val_loss"] == min(r["val_loss"] for r in evals) == result.val_loss
+    meta = checkpoint.load_meta(run / "checkpoints" / "step-000040")
+    assert meta["tokens"] == 40 * 512 and meta["tokenizer"]["hash"] and meta["train_config"]["seed"] == 1337
+    trainer_state = checkpoint.load_trainer_state(run / "checkpoints" / "step-000040")
+    assert set(trainer_state) == {"optimizer", "rng"}
+
+
+def test_warmup_then_cosine_to_the_floor():
+    config = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1).resolved()
+    assert learning_rate(config, 0, 0.0) == pytest.approx(1e-4)
+    assert learning_rate(config, 9, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(config, 50, 0.5) == pytest.approx(0.55e-3)
+    assert learning_rate(config, 100, 1.0) == pytest.approx(1e-4)
+
+
+def test_budgets_in_steps_tokens_epochs_and_time():
+    def steps(**limits):
+        return _Budget(TrainConfig(warmup_steps=0, **limits).resolved(), 1000, 10, 95).total_steps
+
+    assert steps(max_steps=7) == 7
+    assert steps(max_tokens=2500) == 3
+    assert steps(max_epochs=2) == 19
+    assert steps(max_steps=7, max_tokens=2500) == 3  # the first limit reached
+    assert steps() == 10  # default: one epoch
+    timed = _Budget(TrainConfig(max_time="2m", warmup_steps=0).resolved(), 1000, 10, 95)
+    assert timed.total_steps is None and timed.progress(5, 60.0) == 0.5 and timed.done(5, 120.0)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(tiny("gpt2").model_config(100))
+    decay, no_decay = make_optimizer(model, TrainConfig().resolved(), torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_measuring_precision_leaves_no_trace():
+    model = GPT(tiny("gpt2").model_config(100))
+    batch = (torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (4, 64)))
+    rng = torch.get_rng_state()
+    assert choose_precision("auto", torch.device("cpu"), model, batch) in ("bf16", "fp32")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert choose_precision("fp32", torch.device("cpu"), model, batch) == "fp32"
+
+
+def run_cli(*args, cwd=REPO, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # fmt: skip
+
+
+def tiny_flags(tokenizer_file, out, *extra):
+    return ["-m", "gpt_tinystories", "train", "--preset", "1M", "--data", sample("validation-first1000.txt"),
+            "--tokenizer", tokenizer_file, "--d-model", "32", "--n-layer", "2", "--n-head", "4",
+            "--context-length", "64", "--batch-size", "4", "--tokens-per-step", "256", "--eval-every", "5",
+            "--eval-batches", "1", "--sample-tokens", "4", "--log-every", "1", "--precision", "fp32",
+            "--out", out, *extra]  # fmt: skip
+
+
+def test_sigint_checkpoints_and_the_same_command_resumes(tmp_path, tokenizer_file):
+    flags = tiny_flags(tokenizer_file, tmp_path / "run", "--max-steps", "100000")
+    process = run_cli(*flags)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(records_or_empty(tmp_path / "run")) < 3:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    stopped = checkpoint.latest(tmp_path / "run")
+    assert stopped is not None and "checkpoint saved" in out
+    step = checkpoint.load_meta(stopped)["step"]
+    assert step >= 3
+    flags[flags.index("100000")] = str(step + 3)  # a budget change is allowed on resume
+    process = run_cli(*flags)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert f"resuming from step {step}" in out
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == list(range(1, step + 4))
+
+
+def records_or_empty(run_dir):
+    try:
+        return records(run_dir, "train")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_the_original_command_line_still_works(tmp_path, tokenizer_file):
+    process = run_cli("train.py", "--cfg_param", "1M", "--data", sample("fixture-5-stories.txt"), "--out",
+                      tmp_path / "run", "--max-steps", "2", "--context-length", "32", "--batch-size", "2",
+                      "--tokens-per-step", "64", "--eval-batches", "1", "--sample-tokens", "2")  # fmt: skip
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert resolved["train"]["preset"] == "1M" and resolved["train"]["tokenizer"] == "gpt2"
+    assert resolved["model"]["vocab_size"] == 50257 and resolved["model"]["d_model"] == 64
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.is_file() and digest(p) for p in Path(folder).rglob("*")}
+
+
+BAD_RUNS = [
+    (["--preset", "7M"], "unknown preset '7M'"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--lr", "fast"], "expected a number"),
+    (["--max-steps", "-3"], "max_steps must be > 0"),
+    (["--max-time", "soon"], "max_time must be a positive duration"),
+    (["--n-head", "5"], "not divisible by n_head=5"),
+    (["--config", "{tmp}/bad-key.toml"], "unknown key(s) learning_rate"),
+    (["--config", "{tmp}/bad-type.toml"], "weight_decay must be a number, got 'lots'"),
+    (["--config", "{tmp}/missing.toml"], "config file not found"),
+    (["--context-length", "100000"], "fewer than one window"),
+    (["--batch-size", "5000"], "batch_size 5000 exceeds"),
+    (["--precision", "fp8"], "precision must be one of"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--data", "{tmp}/prepared-gpt2"], "prepared with tokenizer gpt2"),
+    (["--resume", "--out", "{tmp}/empty-run"], "holds no checkpoint"),
+    (["--lr", "0.01", "--out", "{tmp}/existing-run"], "lr 0.003 -> 0.01"),
+]
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory, tokenizer_file):
+    root = tmp_path_factory.mktemp("bad")
+    train(tiny(tokenizer_file, max_steps=2, eval_every=2), root / "existing-run", progress=False)
+    (root / "bad-key.toml").write_text("learning_rate = 0.1\n")
+    (root / "bad-type.toml").write_text('weight_decay = "lots"\n')
+    from gpt_tinystories.data import prepare
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    prepare(sample("fixture-5-stories.txt"), Tokenizer.gpt2(), out=root / "prepared-gpt2", progress=False)
+    return root
+
+
+@pytest.mark.parametrize("extra, message", BAD_RUNS)
+def test_bad_training_input_gives_one_line_exit_2_and_changes_nothing(extra, message, existing_run, tokenizer_file):
+    root = existing_run
+    before = snapshot(root)
+    extra = [e.format(tmp=root) for e in extra]
+    flags = tiny_flags(tokenizer_file, root / "new-run", "--max-steps", "2", *extra)
+    # argparse keeps the last --out: the bad-run cases that name one win over tiny_flags' default.
+    process = run_cli(*flags, cwd=root)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err
+    assert snapshot(root) == before
+
+
+def test_an_api_user_gets_the_same_errors(tokenizer_file, tmp_path):
+    with pytest.raises(UserError, match="lr must be > 0"):
+        train(tiny(tokenizer_file, lr=-1.0), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
