@@ -13,10 +13,8 @@ def test_shapes_and_loss_of_an_untrained_model_is_about_ln_vocab():
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("1M", 4096, context_length=128))
     idx, targets = torch.randint(0, 4096, (2, 4, 128))
-    logits, loss = model(idx, targets)
-    assert logits.shape == (4, 128, 4096)
-    assert loss.item() == pytest.approx(math.log(4096), abs=0.05)
-    assert model(idx)[1] is None
+    assert model(idx).shape == (4, 128, 4096)
+    assert model.loss(idx, targets).item() == pytest.approx(math.log(4096), abs=0.05)
 
 
 def test_attention_is_causal():
@@ -25,8 +23,8 @@ def test_attention_is_causal():
     idx = torch.randint(0, 512, (1, 32))
     changed = idx.clone()
     changed[0, 20:] = (changed[0, 20:] + 1) % 512
-    assert torch.equal(model(idx)[0][:, :20], model(changed)[0][:, :20])
-    assert not torch.allclose(model(idx)[0][:, 20:], model(changed)[0][:, 20:])
+    assert torch.equal(model(idx)[:, :20], model(changed)[:, :20])
+    assert not torch.allclose(model(idx)[:, 20:], model(changed)[:, 20:])
 
 
 def test_gpt2_init_scales_residual_projections_and_ties_the_head():
@@ -75,7 +73,7 @@ def test_same_logits_as_transformers_gpt2_with_the_same_weights():
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     idx = torch.randint(0, 512, (2, 64))
     with torch.no_grad():
-        torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_a_few_hundred_steps_on_one_batch_drive_the_loss_near_zero():
@@ -84,8 +82,37 @@ def test_a_few_hundred_steps_on_one_batch_drive_the_loss_near_zero():
     idx = torch.randint(0, 512, (4, 65))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.05
+
+
+@pytest.mark.parametrize("vocab_size", [4096, 50257])  # one chunk, and many
+def test_fused_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(vocab_size):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=vocab_size, d_model=32, n_layer=1, n_head=2, context_length=256))
+    idx, targets = torch.randint(0, vocab_size, (2, 3, 256))
+    reference = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model.loss(idx, targets)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        assert model.loss(idx, targets, reduction="sum").item() == pytest.approx(reference.item() * 768, rel=1e-5)
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    idx, targets = torch.randint(0, 512, (2, 4, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(idx, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32 and model.wte.weight.grad.dtype == torch.float32
+    assert loss.item() == pytest.approx(model.loss(idx, targets).item(), rel=1e-2)

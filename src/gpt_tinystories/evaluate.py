@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .data import TokenWindows
 
@@ -52,8 +51,7 @@ def evaluate(
     for first in range(0, count, batch_size):
         inputs, targets = (t.to(device) for t in windows.batch(first, min(batch_size, count - first)))
         with autocast or contextlib.nullcontext():
-            logits, _ = model(inputs)
-        nats += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+            nats += model.loss(inputs, targets, reduction="sum").double()
         text_bytes += token_bytes[targets].sum()
     model.train(was_training)
     return EvalResult(nats=nats.item(), tokens=count * windows.context_length, text_bytes=int(text_bytes.item()))

@@ -26,7 +26,7 @@ def sample(
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context:])[0][0, -1].float()
+        logits = model(idx[:, -context:])[0, -1].float()
         if temperature == 0:
             token = int(logits.argmax())
         else:

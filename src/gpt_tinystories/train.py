@@ -8,10 +8,12 @@ resumed CPU run reproduces an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -82,6 +84,20 @@ def _first_bytes(stories: Iterator[str], limit: int) -> Iterator[str]:
             return
 
 
+def keep_freed_memory() -> None:
+    """Stop glibc from unmapping big freed blocks: a training step frees and reallocates the same large
+    activation buffers every time, and page-faulting them back in cost ~10% of an 8M step on a 2-core CPU."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -102,7 +118,7 @@ def choose_precision(requested: str, device: torch.device, model: GPT, batch: tu
         for precision in ("fp32", "bf16", "fp32", "bf16"):  # the first of each is a warm-up
             started = time.perf_counter()
             with autocast_for(device, precision):
-                _, loss = model(inputs, targets)
+                loss = model.loss(inputs, targets)
             loss.backward()
             timings[precision] = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
@@ -186,6 +202,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     device = pick_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        keep_freed_memory()
     resume_from = check_run_dir(run_dir, config, resume)
     meta = checkpoint.load_meta(resume_from) if resume_from else None
 
@@ -240,7 +258,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     else:
         precision = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
     autocast = autocast_for(device, precision)
-    forward = torch.compile(model) if config.compile else model
+    loss_fn = torch.compile(model.loss) if config.compile else model.loss
 
     # Only now touch the run dir.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -334,7 +352,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                     t.to(device, non_blocking=True) for t in train_windows.batch(first, config.batch_size)
                 )
                 with autocast:
-                    _, loss = forward(inputs, targets)
+                    loss = loss_fn(inputs, targets)
                 loss_sum += loss.detach()
                 (loss / accumulation).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))

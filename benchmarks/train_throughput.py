@@ -1,0 +1,127 @@
+"""Training throughput: our trainer against Hugging Face transformers' GPT2LMHeadModel, side by side.
+
+    python benchmarks/train_throughput.py [--preset 8M] [--tokenizer bpe-4096|gpt2] [--batch-size 8]
+
+Both train the same model shape on the same batches of the shared TinyStories sample, one after the other in
+fresh processes (so neither shares cores or allocator state with the other):
+- ours: `gpt_tinystories.train.train()` end to end (data windows, autocast chosen by measurement, fused loss,
+  AdamW, clipping), timed from its own per-step clock after warm-up steps;
+- HF: `GPT2LMHeadModel(attn_implementation="sdpa")`, its plain training step (`loss = model(input_ids,
+  labels=...).loss; backward; AdamW step`) in fp32, as a user of transformers would write it.
+Peak memory is the peak resident set of each process (CPU) or peak allocated CUDA memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SAMPLE = Path(os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories"))
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from gpt_tinystories.config import TrainConfig
+    from gpt_tinystories.data import TokenWindows, prepare
+    from gpt_tinystories.train import load_tokenizer, pick_device, train
+
+    data = str(SAMPLE / "train-head.txt")
+    tokenizer = load_tokenizer(args.tokenizer, data)
+    device = pick_device(args.device)
+    steps = args.warmup + args.steps
+    config = TrainConfig(preset=args.preset, data=data, batch_size=args.batch_size, context_length=args.context,
+                         tokens_per_step=args.batch_size * args.context, max_steps=steps, eval_every=10**9,
+                         eval_batches=1, sample_tokens=1, log_every=1, device=args.device, warmup_steps=2)  # fmt: skip
+    if args.worker == "ours":
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_file = str(tokenizer.save(tmp))
+            train(TrainConfig(**{**config.to_dict(), "tokenizer": tokenizer_file}), Path(tmp) / "run", progress=False)
+            lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+            records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+            precision = json.loads((Path(tmp) / "run" / "config.json").read_text())["precision"]
+        start, end = records[args.warmup - 1], records[-1]
+        tokens_per_second = (end["tokens"] - start["tokens"]) / (end["seconds"] - start["seconds"])
+        result = {"tokens_per_second": tokens_per_second, "precision": precision}
+    else:
+        import transformers
+
+        model_config = config.resolved().model_config(tokenizer.vocab_size)
+        hf_config = transformers.GPT2Config(
+            vocab_size=tokenizer.vocab_size, n_positions=model_config.context_length, n_embd=model_config.d_model,
+            n_layer=model_config.n_layer, n_head=model_config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+        )  # fmt: skip
+        model = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa").to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        windows = TokenWindows(prepare(data, tokenizer, progress=False).tokens(), args.context, seed=1337)
+        for step in range(steps):
+            if step == args.warmup:
+                started = time.perf_counter()
+            inputs, _ = windows.batch(step * args.batch_size, args.batch_size)
+            inputs = inputs.to(device)
+            loss = model(input_ids=inputs, labels=inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        tokens_per_second = args.steps * args.batch_size * args.context / (time.perf_counter() - started)
+        result = {"tokens_per_second": tokens_per_second, "precision": "fp32"}
+    if device.type == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="8M")
+    parser.add_argument("--tokenizer", default="bpe-4096")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; medians are shown")
+    parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    import torch
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")  # fmt: skip
+    print(f"preset {args.preset}, tokenizer {args.tokenizer}, batch {args.batch_size}x{args.context}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up steps")  # fmt: skip
+    runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+    for _ in range(args.rounds):  # alternate, so drifting machine load hits both sides alike
+        for side in runs:
+            command = [sys.executable, __file__, *sys.argv[1:], "--worker", side]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs[side].append(json.loads(output.strip().splitlines()[-1]))
+    medians = {}
+    for side, name in (("hf", "transformers GPT2LMHeadModel"), ("ours", "gpt-tinystories")):
+        speeds = sorted(r["tokens_per_second"] for r in runs[side])
+        medians[side] = speeds[len(speeds) // 2]
+        memory = max(r["peak_memory_mb"] for r in runs[side])
+        print(
+            f"{name:<30} {medians[side]:>8,.0f} tokens/s (runs: {', '.join(f'{s:,.0f}' for s in speeds)})  "
+            f"{runs[side][0]['precision']}  peak memory {memory:,.0f} MB"
+        )
+    print(f"speed-up (median over median): {medians['ours'] / medians['hf']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
