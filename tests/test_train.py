@@ -88,6 +88,23 @@ def test_the_run_dir_holds_everything_a_user_looks_for(tmp_path, tokenizer_file)
     assert meta["tokens"] == 40 * 512 and meta["tokenizer"]["hash"] and meta["train_config"]["seed"] == 1337
     trainer_state = checkpoint.load_trainer_state(run / "checkpoints" / "step-000040")
     assert set(trainer_state) == {"optimizer", "rng"}
+    # A checkpoint folder is self-contained: it carries its tokenizer, checksummed like the weights.
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    for name in ("step-000040", "best"):
+        folder = run / "checkpoints" / name
+        assert Tokenizer.load(folder).hash == meta["tokenizer"]["hash"]
+        assert set(checkpoint.load_meta(folder)["files"]) >= {"model.safetensors", "tokenizer.json"}
+
+
+def test_a_damaged_checkpoint_is_refused_with_a_clear_error(tmp_path, tokenizer_file):
+    train(tiny(tokenizer_file, max_steps=4, eval_every=4), tmp_path / "run", progress=False)
+    folder = tmp_path / "run" / "checkpoints" / "step-000004"
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + bytes(10))
+    model = GPT(tiny(tokenizer_file).model_config(4096))
+    with pytest.raises(UserError, match="model.safetensors is damaged"):
+        checkpoint.load_weights(folder, model)
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -238,3 +255,20 @@ def test_an_api_user_gets_the_same_errors(tokenizer_file, tmp_path):
     with pytest.raises(UserError, match="lr must be > 0"):
         train(tiny(tokenizer_file, lr=-1.0), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_logging_works_offline(tmp_path, tokenizer_file, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny(tokenizer_file, max_steps=4, wandb=True), tmp_path / "run", progress=False)
+    run_id = (tmp_path / "run" / "wandb-id.txt").read_text().strip()
+    (offline_run,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}")
+    assert (offline_run / f"run-{run_id}.wandb").stat().st_size > 0
+
+
+def test_a_finished_run_reports_its_final_model_again(tmp_path, tokenizer_file):
+    first = train(tiny(tokenizer_file, max_steps=4), tmp_path / "run", progress=False)
+    again = train(tiny(tokenizer_file, max_steps=4), tmp_path / "run", progress=False)
+    assert again.step == 4 and again.val_loss == first.val_loss and again.sample == first.sample
+    assert again.sample.startswith("One day, a little girl named Lily")

@@ -25,8 +25,16 @@ WEIGHTS, META, TRAINER = "model.safetensors", "meta.json", "trainer.pt"
 CHECKPOINTS = "checkpoints"
 
 
-def save(directory: str | os.PathLike, model: torch.nn.Module, meta: dict, trainer_state: dict | None = None) -> Path:
-    """Write a checkpoint folder under a temporary name, fsync it, then rename it into place."""
+def save(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    meta: dict,
+    trainer_state: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a checkpoint folder under a temporary name, fsync it, then rename it into place.
+
+    `extra_files` (name -> text, e.g. the tokenizer) travel with the checkpoint and are checksummed too."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -35,7 +43,9 @@ def save(directory: str | os.PathLike, model: torch.nn.Module, meta: dict, train
     save_file(state, tmp / WEIGHTS)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER)
-    files = {name: _sha256(tmp / name) for name in (WEIGHTS, TRAINER) if (tmp / name).exists()}
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    files = {path.name: _sha256(path) for path in sorted(tmp.iterdir())}
     (tmp / META).write_text(json.dumps({"format": FORMAT_VERSION, **meta, "files": files}, indent=2))
     for path in tmp.iterdir():
         _fsync(path)

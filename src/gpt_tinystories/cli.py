@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_by_signal:
         return 128 + result.stopped_by_signal
     print(f"done: step {result.step}, {result.tokens:,} tokens, val loss {result.val_loss:.4f}, "
-          f"{result.val_bpb:.4f} bits/byte -> {result.run_dir}")  # fmt: skip
+          f"{result.val_bpb:.4f} bits/byte -> {result.run_dir}\n\nA story it wrote:\n{result.sample}")  # fmt: skip
     return 0
 
 

@@ -144,7 +144,7 @@ def _iter_parquet(path: Path) -> Iterator[str]:
 def _load_hub(dataset_id: str, split: str) -> Iterator[str]:
     hint = "pass local files instead, e.g. --data TinyStories-train.txt (stories separated by <|endoftext|>)"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
-    if not offline and not _hub_reachable():
+    if not offline and not hub_reachable():
         raise UserError(f"cannot reach the Hugging Face hub to load {dataset_id}; {hint}")
     import datasets
 
@@ -159,7 +159,7 @@ def _load_hub(dataset_id: str, split: str) -> Iterator[str]:
     return iter(dataset["text"])
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     # A DNS look-up fails at once without network, where datasets would retry for ~25 s before failing.
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -36,6 +38,7 @@ class RunLog:
 
     def print(self, message: str) -> None:
         tqdm.write(message)
+        sys.stdout.flush()  # show progress at once in logs (stdout to a file is block-buffered)
         self.log_file.write(message + "\n")
         self.log_file.flush()
 
@@ -78,7 +81,7 @@ def _start_wandb(run_dir: Path, config: dict):
     except ImportError:
         raise UserError("--wandb needs Weights & Biases: pip install 'gpt-tinystories[wandb]'") from None
     id_file = run_dir / "wandb-id.txt"  # the same W&B run continues when training resumes
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     return wandb.init(project=config.get("wandb_project"), config=config, dir=str(run_dir), id=run_id,
                       resume="allow", name=run_dir.name)  # fmt: skip

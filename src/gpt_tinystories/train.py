@@ -43,6 +43,7 @@ class TrainResult:
     tokens: int
     val_loss: float | None
     val_bpb: float | None
+    sample: str | None  # the model's continuation of SAMPLE_PROMPT at the last evaluation
     stopped_by_signal: int | None = None
 
 
@@ -216,17 +217,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         tokenizer = load_tokenizer(config.tokenizer, config.data)
     train_data = prepare(config.data, tokenizer, split="train", progress=progress)
     train_data.check_tokenizer(tokenizer)
-    if config.val_data is not None:
-        train_tokens, val_tokens = (
-            train_data.tokens(),
-            prepare(config.val_data, tokenizer, "validation", progress=progress).tokens(),
-        )
-    elif is_hub_id(config.data):
-        train_tokens, val_tokens = (
-            train_data.tokens(),
-            prepare(config.data, tokenizer, "validation", progress=progress).tokens(),
-        )
-    else:
+    if config.val_data is not None or is_hub_id(config.data):  # a validation source, or the hub's split
+        val_data = prepare(config.val_data or config.data, tokenizer, "validation", progress=progress)
+        val_data.check_tokenizer(tokenizer)
+        train_tokens, val_tokens = train_data.tokens(), val_data.tokens()
+    else:  # hold out the tail of local data
         train_tokens, val_tokens = train_data.holdout(config.val_fraction)
     context = config.context_length
     train_windows = TokenWindows(train_tokens, context, seed=config.seed, name=f"training data {config.data}")
@@ -247,13 +242,16 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     torch.manual_seed(config.seed)
     model = GPT(model_config).to(device)
     optimizer = make_optimizer(model, config, device)
-    step, train_seconds, best_val = 0, 0.0, float("inf")
+    step, train_seconds, best_val = 0, 0.0, math.inf
     if meta is not None:
         checkpoint.load_weights(resume_from, model)
         state = checkpoint.load_trainer_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        step, train_seconds, best_val = meta["step"], meta["train_seconds"], meta["best_val_loss"]
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        step, train_seconds = meta["step"], meta["train_seconds"]
+        best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
         precision = meta["precision"]
     else:
         precision = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
@@ -275,28 +273,34 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
     prompt = tokenizer.encode(SAMPLE_PROMPT)
+    tokenizer_json = tokenizer.backend.to_str()
 
     def save(val_loss: float | None) -> None:
         nonlocal best_val
+        best = min(best_val, val_loss if val_loss is not None else math.inf)
         ckpt_meta = {
             "step": step,
             "tokens": step * tokens_per_step,
             "train_seconds": train_seconds,
             "val_loss": val_loss,
-            "best_val_loss": min(best_val, val_loss or best_val),
+            "best_val_loss": best if math.isfinite(best) else None,
             "precision": precision,
             "model_config": model_config.to_dict(),
             "train_config": config.to_dict(),
-            "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "file": f"../../{TOKENIZER_FILE}"},
+            "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "file": TOKENIZER_FILE},
         }
         trainer_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-        checkpoint.save(run_dir / checkpoint.CHECKPOINTS / f"step-{step:06d}", model, ckpt_meta, trainer_state)
+        if device.type == "cuda":
+            trainer_state["cuda"] = torch.cuda.get_rng_state_all()
+        files = {TOKENIZER_FILE: tokenizer_json}  # each checkpoint folder is self-contained
+        root = run_dir / checkpoint.CHECKPOINTS
+        checkpoint.save(root / f"step-{step:06d}", model, ckpt_meta, trainer_state, files)
         checkpoint.prune(run_dir, config.keep_last)
         if val_loss is not None and val_loss < best_val:
             best_val = val_loss
-            checkpoint.save(run_dir / checkpoint.CHECKPOINTS / "best", model, {**ckpt_meta, "best_val_loss": val_loss})
+            checkpoint.save(root / "best", model, {**ckpt_meta, "best_val_loss": val_loss}, None, files)
 
-    def evaluate_and_sample() -> tuple[float, float]:
+    def evaluate_and_sample() -> tuple[float, float, str]:
         result = evaluate(model, val_windows, token_bytes, config.batch_size, config.eval_batches, autocast)
         generator = torch.Generator().manual_seed(config.seed)
         with autocast:
@@ -322,7 +326,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         )
         log.print(f"step {step}: val loss {result.loss:.4f}, {result.bits_per_byte:.4f} bits/byte | {text!r}")
         log.plot()
-        return result.loss, result.bits_per_byte
+        return result.loss, result.bits_per_byte, text
 
     stop_signal: list[int] = []
     previous_handlers = _catch_signals(stop_signal)
@@ -335,8 +339,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         f"{f' / {config.max_time}' if config.max_time else ''} -> {run_dir}"
     )
     bar = tqdm(total=budget.total_steps, initial=step, unit="step", disable=None if progress else True, leave=False)
-    val_loss = val_bpb = None
-    last_saved = step if meta else -1
+    val_loss = val_bpb = story = None
+    last_saved, last_eval = (step if meta else -1), -1
     session_start, session_step = time.perf_counter(), step
     try:
         model.train()
@@ -382,15 +386,16 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                     log.print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:,.0f} tokens/s")
             evaluating = step % config.eval_every == 0
             if evaluating:
-                val_loss, val_bpb = evaluate_and_sample()
+                val_loss, val_bpb, story = evaluate_and_sample()
+                last_eval = step
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or (
                 evaluating and not config.checkpoint_every
             ):
                 save(val_loss if evaluating else None)
                 last_saved = step
+        if not stop_signal and last_eval != step:  # the final model is always evaluated
+            val_loss, val_bpb, story = evaluate_and_sample()
         if step != last_saved:
-            if not stop_signal:
-                val_loss, val_bpb = evaluate_and_sample()
             save(None if stop_signal else val_loss)
     finally:
         bar.close()
@@ -398,9 +403,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         log.close()
     if stop_signal:
         print(f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved; run the same command to resume")
-    return TrainResult(
-        run_dir, step, step * tokens_per_step, val_loss, val_bpb, stop_signal[0] if stop_signal else None
-    )
+    signum = stop_signal[0] if stop_signal else None
+    return TrainResult(run_dir, step, step * tokens_per_step, val_loss, val_bpb, story, signum)
 
 
 def _catch_signals(stop: list[int]) -> dict:
