@@ -32,7 +32,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     from gpt_tinystories.config import TrainConfig
     from gpt_tinystories.data import TokenWindows, prepare
-    from gpt_tinystories.train import load_tokenizer, pick_device, train
+    from gpt_tinystories.runtime import pick_device
+    from gpt_tinystories.train import load_tokenizer, train
 
     data = str(SAMPLE / "train-head.txt")
     tokenizer = load_tokenizer(args.tokenizer, data)

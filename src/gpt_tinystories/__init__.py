@@ -8,8 +8,18 @@ from .config import PRESETS, ModelConfig, TrainConfig
 from .errors import UserError
 from .tokenizer import Tokenizer
 
-__all__ = ["GPT", "PRESETS", "ModelConfig", "Tokenizer", "TrainConfig", "UserError", "train"]
+__all__ = ["GPT", "PRESETS", "ModelConfig", "Tokenizer", "TrainConfig", "UserError", "load", "train"]
 __version__ = "0.1.0"
+
+
+def load(path: str, device: str = "auto"):
+    """A trained model (a run dir or checkpoint folder) as a `Storyteller`: .generate(), .stream(), .beam_search()."""
+    from .checkpoint import load_model
+    from .generate import Storyteller
+    from .runtime import pick_device
+
+    model, tokenizer, meta = load_model(path, pick_device(device))
+    return Storyteller(model, tokenizer, meta["path"])
 
 
 def __getattr__(name: str):  # torch-heavy names load on first use, so `gpt-tinystories presets` starts fast

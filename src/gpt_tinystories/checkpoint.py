@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import ModelConfig
 from .errors import UserError
+from .model import GPT
+from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS, META, TRAINER = "model.safetensors", "meta.json", "trainer.pt"
@@ -133,3 +136,36 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder itself, or a run dir's best checkpoint (its newest when it has no best yet)."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    best = path / CHECKPOINTS / "best"
+    if (best / META).is_file():
+        return best
+    newest = latest(path)
+    if newest is None:
+        raise UserError(
+            f"no checkpoint at {path}; pass a run dir or a checkpoint folder (one holding {META} and {WEIGHTS})"
+        )
+    return newest
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """The model and tokenizer of a run dir or checkpoint folder, ready for inference."""
+    directory = resolve(path)
+    meta = load_meta(directory)
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError):
+        raise UserError(f"checkpoint {directory} has no valid model_config in {META}; use another checkpoint") from None
+    _verify(directory, TOKENIZER_FILE)
+    tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
+    if tokenizer.hash != meta.get("tokenizer", {}).get("hash", tokenizer.hash):
+        raise UserError(f"{directory / TOKENIZER_FILE} is not the tokenizer this checkpoint was trained with")
+    model = GPT(config).to(device)
+    load_weights(directory, model)
+    return model.eval(), tokenizer, {**meta, "path": str(directory)}

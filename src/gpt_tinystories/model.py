@@ -1,7 +1,8 @@
 """A GPT-2 language model, small enough to read top to bottom.
 
 Pre-LayerNorm transformer blocks, learned position embeddings, a GELU MLP of 4x the width, and an LM head
-tied to the token embedding. Attention goes through PyTorch's fused scaled_dot_product_attention.
+tied to the token embedding. Attention goes through PyTorch's fused scaled_dot_product_attention, reading
+past keys and values from a preallocated KV cache when decoding.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         batch, time, width = x.shape
         q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+            mask, causal = cache.mask, cache.causal
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, time, width))
 
 
@@ -51,8 +57,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), cache, layer))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -83,25 +89,83 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())  # the tied LM head is counted once
         return total - self.wte.weight.numel() - self.wpe.weight.numel() if non_embedding else total
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final (normalized) hidden state at every position of `idx` (batch, time)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final (normalized) hidden state at every position of `idx` (batch, time).
+
+        With a `cache`, `idx` continues the sequence the cache holds, and its keys and values are appended."""
         time = idx.shape[1]
-        if time > self.config.context_length:
-            raise ValueError(f"sequence of {time} tokens exceeds context_length={self.config.context_length}")
-        positions = torch.arange(time, device=idx.device)
+        start = cache.length if cache is not None else 0
+        if start + time > self.config.context_length:
+            raise ValueError(f"sequence of {start + time} tokens exceeds context_length={self.config.context_length}")
+        positions = torch.arange(time, device=idx.device) if cache is None else cache.begin(time)
         x = self.drop(self.wte(idx) + self.wpe(positions))
-        for block in self.blocks:
-            x = block(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += time
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Next-token logits (batch, time, vocab); the LM head is the token embedding."""
-        return F.linear(self.hidden_states(idx), self.wte.weight)
+        return F.linear(self.hidden_states(idx, cache), self.wte.weight)
+
+    def new_cache(self, batch_size: int, capacity: int, pad: torch.Tensor | None = None) -> KVCache:
+        weight = self.wte.weight
+        return KVCache(self.config, batch_size, capacity, pad, device=weight.device, dtype=weight.dtype)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the next-token predictions, without materialising the logits (see below)."""
         hidden = self.hidden_states(idx)
         return linear_cross_entropy(hidden.flatten(0, 1), self.wte.weight, targets.flatten(), reduction)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `capacity` positions: a decoding step writes in place
+    and allocates nothing. Rows may be left-padded to batch prompts of different lengths: the first `pad[r]`
+    positions of row r are masked out of attention and positions count from its first real token."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, pad: torch.Tensor | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        shape = (config.n_layer, batch_size, config.n_head, capacity, config.d_model // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity, self.length = capacity, 0
+        self.pad = pad.to(device) if pad is not None and bool(pad.any()) else None
+        self.mask: torch.Tensor | None = None
+        self.causal = False
+
+    def begin(self, time: int) -> torch.Tensor:
+        """Set up the attention mask for `time` new positions; return their position ids."""
+        start, end = self.length, self.length + time
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions exceed its capacity of {self.capacity}")
+        device = self.keys.device
+        positions = torch.arange(start, end, device=device)
+        if self.pad is None:  # the fast paths: plain causal prefill, or one new token that sees everything
+            self.mask, self.causal = None, start == 0 and time > 1
+            if start == 0 or time == 1:
+                return positions
+        keys = torch.arange(end, device=device)
+        mask = keys[None, :] <= positions[:, None]  # (time, end): causal
+        if self.pad is not None:
+            mask = mask & (keys[None, None, :] >= self.pad[:, None, None])  # (batch, time, end)
+            mask = mask[:, None]  # broadcast over heads
+            positions = (positions[None, :] - self.pad[:, None]).clamp(min=0)
+        self.mask, self.causal = mask, False
+        return positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (beam search: each surviving beam continues from its parent's cache)."""
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows)
 
 
 def linear_cross_entropy(

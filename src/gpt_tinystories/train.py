@@ -8,12 +8,10 @@ resumed CPU run reproduces an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -27,9 +25,10 @@ from .config import TrainConfig, parse_duration
 from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
 from .errors import UserError
 from .evaluate import evaluate
-from .generate import sample
+from .generate import Sampling, generate
 from .metrics import RunLog
 from .model import GPT
+from .runtime import autocast_for, keep_freed_memory, pick_device
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 SAMPLE_PROMPT = "One day, a little girl named Lily found a needle in her room."
@@ -48,23 +47,6 @@ class TrainResult:
 
 
 # -- setup ---------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine; use --device cpu (or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-
-
 def load_tokenizer(spec: str, data: str) -> Tokenizer:
     """`gpt2`, `bpe-N` (a BPE of N tokens trained on the first stories of `data`), or a tokenizer.json path."""
     if spec.startswith("bpe-") and spec[4:].isdigit():
@@ -83,26 +65,6 @@ def _first_bytes(stories: Iterator[str], limit: int) -> Iterator[str]:
         total += len(story)
         if total >= limit:
             return
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from unmapping big freed blocks: a training step frees and reallocates the same large
-    activation buffers every time, and page-faulting them back in cost ~10% of an 8M step on a 2-core CPU."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def choose_precision(requested: str, device: torch.device, model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> str:
@@ -272,7 +234,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     _write_json(run_dir / "config.json", resolved)
     log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
-    prompt = tokenizer.encode(SAMPLE_PROMPT)
+    prompt = [tokenizer.eos_id, *tokenizer.encode(SAMPLE_PROMPT)]  # stories follow EOS in the data
     tokenizer_json = tokenizer.backend.to_str()
 
     def save(val_loss: float | None) -> None:
@@ -302,18 +264,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
 
     def evaluate_and_sample() -> tuple[float, float, str]:
         result = evaluate(model, val_windows, token_bytes, config.batch_size, config.eval_batches, autocast)
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch.Generator(device).manual_seed(config.seed)  # sampling leaves the run's RNG alone
         with autocast:
-            story = sample(
-                model,
-                prompt,
-                config.sample_tokens,
-                temperature=0.8,
-                top_k=50,
-                eos_id=tokenizer.eos_id,
-                generator=generator,
-            )
-        text = tokenizer.decode(prompt + story)
+            (story,) = generate(model, [prompt], config.sample_tokens, Sampling(0.8, top_k=50), tokenizer.eos_id,
+                                generator)  # fmt: skip
+        text = tokenizer.decode(prompt[1:] + story)
         log.record(
             {
                 "kind": "eval",
