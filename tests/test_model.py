@@ -43,34 +43,13 @@ def test_rejects_sequences_longer_than_the_context():
 
 
 def test_same_logits_as_transformers_gpt2_with_the_same_weights():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from gpt_tinystories.hf import to_transformers
+
     torch.manual_seed(0)
     ours = GPT(SMALL).eval()
-    hf_config = transformers.GPT2Config(
-        vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    theirs = transformers.GPT2LMHeadModel(hf_config).eval()
-    state = {
-        "transformer.wte.weight": ours.wte.weight,
-        "transformer.wpe.weight": ours.wpe.weight,
-        "transformer.ln_f.weight": ours.ln_f.weight,
-        "transformer.ln_f.bias": ours.ln_f.bias,
-    }
-    for i, block in enumerate(ours.blocks):
-        hf = f"transformer.h.{i}."
-        for ours_name, hf_name in [("ln_1", "ln_1"), ("ln_2", "ln_2")]:
-            state[hf + hf_name + ".weight"] = getattr(block, ours_name).weight
-            state[hf + hf_name + ".bias"] = getattr(block, ours_name).bias
-        for linear, hf_name in [
-            (block.attn.qkv, "attn.c_attn"),
-            (block.attn.proj, "attn.c_proj"),
-            (block.mlp.up, "mlp.c_fc"),
-            (block.mlp.down, "mlp.c_proj"),
-        ]:
-            state[hf + hf_name + ".weight"] = linear.weight.T  # transformers' Conv1D stores (in, out)
-            state[hf + hf_name + ".bias"] = linear.bias
-    missing, unexpected = theirs.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    theirs = to_transformers(ours)
+    assert theirs.lm_head.weight.data_ptr() == theirs.transformer.wte.weight.data_ptr()  # tied, as ours
     idx = torch.randint(0, 512, (2, 64))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), theirs(idx).logits, atol=1e-5, rtol=1e-5)

@@ -60,6 +60,71 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from . import load
+
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    teller = load(args.checkpoint, args.device)
+    context = teller.model.config.context_length
+    prompt_tokens = len(teller.encode_prompt(args.prompt))
+    if prompt_tokens > context:
+        print(f"note: the prompt has {prompt_tokens} tokens; keeping its last {context} (the model's context)",
+              file=sys.stderr)  # fmt: skip
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p}  # fmt: skip
+    for index in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + index
+        if args.num_samples > 1:
+            print(f"--- sample {index + 1} ---")
+        print(args.prompt, end="", flush=True)
+        if args.beams:
+            print(teller.beam_search(args.prompt, args.max_new_tokens, args.beams))
+        elif args.stream:
+            for piece in teller.stream(args.prompt, seed=seed, **options):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(teller.generate(args.prompt, seed=seed, **options))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_model
+    from .data import TokenWindows, prepare
+    from .evaluate import evaluate, gpt2_token_count
+    from .runtime import pick_device
+    from .tokenizer import Tokenizer
+
+    device = pick_device(args.device)
+    model, tokenizer, meta = load_model(args.checkpoint, device)
+    context = model.config.context_length
+    prepared = prepare(args.data, tokenizer, split=args.split, progress=not args.json)
+    windows = TokenWindows(prepared.tokens(), context, seed=None, name=f"evaluation data {args.data}")
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    result = evaluate(model, windows, token_bytes, args.batch_size, args.max_batches, progress=not args.json)
+    count = result.tokens // context
+    targets = np.concatenate([windows.window(i)[1:] for i in range(count)])
+    result.gpt2_tokens = gpt2_token_count(tokenizer, targets, Tokenizer.gpt2())
+    report = {"checkpoint": meta["path"], "step": meta.get("step"), "data": str(args.data), "split": args.split,
+              "tokenizer": tokenizer.name, **result.to_dict()}  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{meta['path']} (step {meta.get('step')}) on {args.data}: {result.tokens:,} tokens, "
+          f"{result.text_bytes:,} bytes, {result.gpt2_tokens:,} GPT-2 tokens")  # fmt: skip
+    print(f"  loss                  {result.loss:.4f} nats/token")
+    print(f"  perplexity            {result.perplexity:.2f}")
+    print(f"  bits per byte         {result.bits_per_byte:.4f}")
+    print(f"  nats per GPT-2 token  {result.nats_per_gpt2_token:.4f}   (original gpt-tinystories: 8M 1.56, 28M 1.32)")
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .data import iter_stories
     from .tokenizer import Tokenizer
@@ -149,6 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("generate", help="write stories with a trained model")
+    p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
+    p.add_argument("--prompt", default="", help="the start of the story (empty: a new story)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int)
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--num-samples", type=_positive_int, default=1)
+    p.add_argument("--beams", type=_positive_int, help="beam search with this many beams (the paper used 5)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("eval", help="validation loss, perplexity, bits per byte of a trained model")
+    p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
+    p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
+    p.add_argument("--split", default="validation", help="split of a hub dataset (default: validation)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-batches", type=_positive_int, help="evaluate only this many batches")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
 
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"
