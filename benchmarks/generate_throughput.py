@@ -48,16 +48,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="our model's dtype (HF: fp32)")
     args = parser.parse_args()
     device = pick_device(args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}"
           f"{f' ({torch.cuda.get_device_name()})' if device.type == 'cuda' else ''}")  # fmt: skip
-    print(f"greedy decoding of {args.new_tokens} new tokens after a 16-token prompt; best of {args.rounds} rounds")
+    print(f"greedy decoding of {args.new_tokens} new tokens after a 16-token prompt; best of {args.rounds} rounds; "
+          f"ours in {args.dtype}, HF in fp32")  # fmt: skip
     print(f"{'preset':<7} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6}  same tokens")
     for preset in args.presets:
         torch.manual_seed(0)
         ours = GPT(ModelConfig.from_preset(preset, 4096)).to(device).eval()
         theirs = to_transformers(ours)
+        ours = ours.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
         for batch in (1, 8):
             prompts = torch.randint(0, 4096, (batch, 16), generator=torch.Generator().manual_seed(1)).to(device)
             best = {"ours": float("inf"), "hf": float("inf")}

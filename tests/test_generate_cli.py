@@ -97,3 +97,13 @@ def test_bad_generate_and_eval_input(args, message, run_dir, tmp_path):
 def test_load_refuses_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="no checkpoint at"):
         load(tmp_path)
+
+
+def test_bf16_weights_for_faster_decoding(run_dir):
+    import torch
+
+    teller = load(run_dir, dtype="bf16")
+    assert teller.model.wte.weight.dtype == torch.bfloat16
+    assert isinstance(teller.generate("Once", max_new_tokens=5, seed=0), str)
+    with pytest.raises(UserError, match="dtype must be fp32 or bf16"):
+        load(run_dir, dtype="fp8")

@@ -67,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    teller = load(args.checkpoint, args.device)
+    teller = load(args.checkpoint, args.device, args.dtype)
     context = teller.model.config.context_length
     prompt_tokens = len(teller.encode_prompt(args.prompt))
     if prompt_tokens > context:
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=_positive_int, help="beam search with this many beams (the paper used 5)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("eval", help="validation loss, perplexity, bits per byte of a trained model")
