@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .data import is_hub_id
 from .errors import UserError
 from .model import GPT
 from .tokenizer import TOKENIZER_FILE, Tokenizer
@@ -154,8 +155,20 @@ def resolve(path: str | os.PathLike) -> Path:
     return newest
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint folder, or a run dir that holds checkpoints."""
+    path = Path(path)
+    return (path / META).is_file() or (path / CHECKPOINTS).is_dir()
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """The model and tokenizer of a run dir or checkpoint folder, ready for inference."""
+    """The model and tokenizer of a run dir or checkpoint folder, or of a transformers GPT-2 / GPT-Neo folder or
+    hub id (e.g. roneneldan/TinyStories-33M), ready for inference."""
+    if not is_checkpoint(path) and ((Path(path) / "config.json").is_file() or is_hub_id(path)):
+        from .hf import load_pretrained
+
+        model, tokenizer, meta = load_pretrained(path)
+        return model.to(device), tokenizer, meta
     directory = resolve(path)
     meta = load_meta(directory)
     try:

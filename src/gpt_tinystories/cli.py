@@ -104,7 +104,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = pick_device(args.device)
     model, tokenizer, meta = load_model(args.checkpoint, device)
-    context = model.config.context_length
+    context = args.context_length or model.config.context_length
+    if context > model.config.context_length:
+        raise UserError(f"--context-length {context} exceeds the model's {model.config.context_length}")
     prepared = prepare(args.data, tokenizer, split=args.split, progress=not args.json)
     windows = TokenWindows(prepared.tokens(), context, seed=None, name=f"evaluation data {args.data}")
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
@@ -123,6 +125,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"  perplexity            {result.perplexity:.2f}")
     print(f"  bits per byte         {result.bits_per_byte:.4f}")
     print(f"  nats per GPT-2 token  {result.nats_per_gpt2_token:.4f}   (original gpt-tinystories: 8M 1.56, 28M 1.32)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .hf import export
+
+    model, tokenizer, meta = load_model(args.checkpoint)
+    out = export(model, tokenizer, args.out)
+    kind = "GPT-Neo" if model.config.local_layers or model.config.attn_scale is not None else "GPT-2"
+    print(f"exported {meta['path']} as a transformers {kind} model to {out}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -216,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("generate", help="write stories with a trained model")
-    p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo folder or hub id",
+    )
     p.add_argument("--prompt", default="", help="the start of the story (empty: a new story)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
@@ -231,14 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("eval", help="validation loss, perplexity, bits per byte of a trained model")
-    p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo folder or hub id",
+    )
     p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split of a hub dataset (default: validation)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--max-batches", type=_positive_int, help="evaluate only this many batches")
+    p.add_argument("--context-length", type=_positive_int, help="window length (default: the model's context)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder")
+    p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT2LMHeadModel (or GPT-Neo)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.set_defaults(func=cmd_export)
 
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"

@@ -35,8 +35,14 @@ class ModelConfig:
     context_length: int = 512
     dropout: float = 0.0
     bias: bool = True
+    # GPT-2 by default; set otherwise to hold GPT-Neo, the architecture of the TinyStories paper's models
+    attn_scale: float | None = None  # None: 1/sqrt(head size); GPT-Neo does not scale (1.0)
+    local_window: int | None = None  # how far back the local-attention layers look (GPT-Neo: 256)
+    local_layers: tuple[int, ...] = ()  # the layers that attend locally (GPT-Neo: every other one)
+    activation: str = "gelu_tanh"  # gelu_tanh (GPT-2's "gelu_new") | gelu (exact)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "local_layers", tuple(self.local_layers))  # JSON gives a list
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "context_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -50,6 +56,12 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise UserError(f"model config: activation must be gelu_tanh or gelu, got {self.activation!r}")
+        if any(not 0 <= layer < self.n_layer for layer in self.local_layers):
+            raise UserError(f"model config: local_layers must be layer numbers 0..{self.n_layer - 1}")
+        if self.local_layers and not (isinstance(self.local_window, int) and self.local_window > 0):
+            raise UserError("model config: local_layers need a positive local_window")
 
     @classmethod
     def from_preset(cls, preset: str, vocab_size: int, **overrides: object) -> ModelConfig:
@@ -119,6 +131,8 @@ class TrainConfig:
     val_data: str | None = None  # default: the hub's validation split, or a held-out tail of local data
     val_fraction: float = 0.05  # share of local data held out for validation when val_data is not given
     tokenizer: str = "bpe-4096"  # gpt2 | bpe-N (trained on the training data) | path to a tokenizer.json
+    init_from: str | None = None  # start from these weights (and their shape and tokenizer): a run dir,
+    # a checkpoint folder, or a transformers GPT-2 / GPT-Neo folder or hub id
     context_length: int | None = None
     d_model: int | None = None
     n_layer: int | None = None

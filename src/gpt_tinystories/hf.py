@@ -1,39 +1,295 @@
-"""Hugging Face transformers interop. Imported only when asked for: transformers is heavy."""
+"""Hugging Face transformers interop: export to GPT2LMHeadModel / GPTNeoForCausalLM, import from either.
+
+GPT-Neo is the architecture of the TinyStories paper's models (roneneldan/TinyStories-1M ... 33M): like GPT-2
+but without attention scaling, with every other layer attending to the last 256 positions only, and with
+separate bias-free q, k, v projections. Our model holds both (see ModelConfig). transformers is heavy, so
+this module is imported only when asked for.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
 
+from .config import ModelConfig
+from .data import hub_reachable
+from .errors import UserError
 from .model import GPT
+from .tokenizer import EOS, Tokenizer
+
+SUPPORTED = ("gpt2", "gpt_neo")
+
+
+def _is_neo(config: ModelConfig) -> bool:
+    return config.attn_scale is not None or bool(config.local_layers)
 
 
 def to_transformers(model: GPT):
-    """The same network as a transformers `GPT2LMHeadModel` (weights copied; Conv1D layers store (in, out))."""
+    """The same network as a transformers model: GPT2LMHeadModel, or GPTNeoForCausalLM for GPT-Neo configs."""
     import transformers
 
     config = model.config
-    hf_config = transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.d_model,
-        n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-        bos_token_id=None, eos_token_id=None, tie_word_embeddings=True,
-    )  # fmt: skip
-    hf = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
-    state = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.wpe.weight,
-             "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": model.ln_f.bias}  # fmt: skip
-    for i, block in enumerate(model.blocks):
-        prefix = f"transformer.h.{i}."
-        for name in ("ln_1", "ln_2"):
-            state[f"{prefix}{name}.weight"] = getattr(block, name).weight
-            state[f"{prefix}{name}.bias"] = getattr(block, name).bias
-        linears = {"attn.c_attn": block.attn.qkv, "attn.c_proj": block.attn.proj,
-                   "mlp.c_fc": block.mlp.up, "mlp.c_proj": block.mlp.down}  # fmt: skip
-        for name, linear in linears.items():
-            state[f"{prefix}{name}.weight"] = linear.weight.T
-            state[f"{prefix}{name}.bias"] = linear.bias
+    if config.activation != "gelu_tanh" or not config.bias:
+        raise UserError("only models with biases and tanh-GELU export to transformers' GPT-2 or GPT-Neo")
+    state: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": model.wte.weight,
+        "transformer.wpe.weight": model.wpe.weight,
+        "transformer.ln_f.weight": model.ln_f.weight,
+        "transformer.ln_f.bias": model.ln_f.bias,
+    }
+    if _is_neo(config):
+        if config.attn_scale != 1.0:
+            raise UserError(f"attention scale {config.attn_scale} exists in neither GPT-2 nor GPT-Neo; cannot export")
+        if any(bool(block.attn.qkv.bias.detach().any()) for block in model.blocks):
+            raise UserError("GPT-Neo has no q/k/v biases, and this model's are not zero; cannot export to GPT-Neo")
+        layers = ["local" if i in config.local_layers else "global" for i in range(config.n_layer)]
+        hf_config = transformers.GPTNeoConfig(
+            vocab_size=config.vocab_size,
+            max_position_embeddings=config.context_length,
+            hidden_size=config.d_model,
+            num_layers=config.n_layer,
+            num_heads=config.n_head,
+            attention_types=[[[kind], 1] for kind in layers],
+            window_size=config.local_window or 256,
+            activation_function="gelu_new",
+            resid_dropout=config.dropout,
+            embed_dropout=config.dropout,
+            attention_dropout=config.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        hf = transformers.GPTNeoForCausalLM(hf_config)
+        for i, block in enumerate(model.blocks):
+            prefix = f"transformer.h.{i}."
+            q, k, v = block.attn.qkv.weight.chunk(3)
+            state |= {
+                prefix + "attn.attention.q_proj.weight": q,
+                prefix + "attn.attention.k_proj.weight": k,
+                prefix + "attn.attention.v_proj.weight": v,
+                prefix + "attn.attention.out_proj.weight": block.attn.proj.weight,
+                prefix + "attn.attention.out_proj.bias": block.attn.proj.bias,
+            }
+            state |= _norms_and_mlp(prefix, block, transpose=False)
+    else:
+        hf_config = transformers.GPT2Config(
+            vocab_size=config.vocab_size,
+            n_positions=config.context_length,
+            n_embd=config.d_model,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            activation_function="gelu_new",
+            layer_norm_epsilon=1e-5,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        hf = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
+        for i, block in enumerate(model.blocks):
+            prefix = f"transformer.h.{i}."
+            # transformers' GPT-2 uses Conv1D layers, which store weights as (in, out)
+            state |= {
+                prefix + "attn.c_attn.weight": block.attn.qkv.weight.T,
+                prefix + "attn.c_attn.bias": block.attn.qkv.bias,
+                prefix + "attn.c_proj.weight": block.attn.proj.weight.T,
+                prefix + "attn.c_proj.bias": block.attn.proj.bias,
+            }
+            state |= _norms_and_mlp(prefix, block, transpose=True)
     with torch.no_grad():
         missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"weight mapping out of date: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
     return hf.to(model.wte.weight.device).eval()
+
+
+def _norms_and_mlp(prefix: str, block: torch.nn.Module, transpose: bool) -> dict[str, torch.Tensor]:
+    def weight(linear: torch.nn.Linear) -> torch.Tensor:
+        return linear.weight.T if transpose else linear.weight
+
+    return {
+        prefix + "ln_1.weight": block.ln_1.weight,
+        prefix + "ln_1.bias": block.ln_1.bias,
+        prefix + "ln_2.weight": block.ln_2.weight,
+        prefix + "ln_2.bias": block.ln_2.bias,
+        prefix + "mlp.c_fc.weight": weight(block.mlp.up),
+        prefix + "mlp.c_fc.bias": block.mlp.up.bias,
+        prefix + "mlp.c_proj.weight": weight(block.mlp.down),
+        prefix + "mlp.c_proj.bias": block.mlp.down.bias,
+    }
+
+
+def from_transformers(hf) -> GPT:
+    """Our model with the weights of a transformers GPT-2 or GPT-Neo causal LM."""
+    hf_config = hf.config
+    if hf_config.model_type == "gpt2":
+        config = ModelConfig(
+            vocab_size=hf_config.vocab_size,
+            d_model=hf_config.n_embd,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            context_length=hf_config.n_positions,
+        )
+    elif hf_config.model_type == "gpt_neo":
+        local = tuple(i for i, kind in enumerate(hf_config.attention_layers) if kind == "local")
+        config = ModelConfig(
+            vocab_size=hf_config.vocab_size,
+            d_model=hf_config.hidden_size,
+            n_layer=hf_config.num_layers,
+            n_head=hf_config.num_heads,
+            context_length=hf_config.max_position_embeddings,
+            attn_scale=1.0,
+            local_window=hf_config.window_size if local else None,
+            local_layers=local,
+        )
+    else:
+        raise UserError(f"unsupported architecture {hf_config.model_type!r}; supported: {', '.join(SUPPORTED)}")
+    activation = getattr(hf_config, "activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise UserError(f"unsupported activation {activation!r}; supported: gelu_new, gelu_pytorch_tanh, gelu")
+    config = ModelConfig.from_dict({**config.to_dict(), "activation": "gelu" if activation == "gelu" else "gelu_tanh"})
+    model = GPT(config)
+    source = hf.state_dict()
+    target = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in _our_names(source, config).items():
+            if target[name].shape != tensor.shape:
+                raise UserError(
+                    f"tensor {name} has shape {tuple(tensor.shape)} in the transformers model, but the "
+                    f"config asks for {tuple(target[name].shape)}; the checkpoint does not match its config"
+                )
+            target[name].copy_(tensor)
+    return model.eval()
+
+
+def _our_names(source: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        if name not in source:
+            raise UserError(f"the transformers model has no tensor {name}; it does not match its config")
+        return source[name]
+
+    out = {
+        "wte.weight": get("transformer.wte.weight"),
+        "wpe.weight": get("transformer.wpe.weight"),
+        "ln_f.weight": get("transformer.ln_f.weight"),
+        "ln_f.bias": get("transformer.ln_f.bias"),
+    }
+    neo = _is_neo(config)
+    for i in range(config.n_layer):
+        hf, ours = f"transformer.h.{i}.", f"blocks.{i}."
+        for norm in ("ln_1", "ln_2"):
+            out[f"{ours}{norm}.weight"], out[f"{ours}{norm}.bias"] = get(f"{hf}{norm}.weight"), get(f"{hf}{norm}.bias")
+        if neo:
+            attention = hf + "attn.attention."
+            out[ours + "attn.qkv.weight"] = torch.cat([get(attention + f"{p}_proj.weight") for p in "qkv"])
+            out[ours + "attn.qkv.bias"] = torch.zeros(3 * config.d_model)
+            out[ours + "attn.proj.weight"] = get(attention + "out_proj.weight")
+            out[ours + "attn.proj.bias"] = get(attention + "out_proj.bias")
+        else:
+            out[ours + "attn.qkv.weight"], out[ours + "attn.qkv.bias"] = (
+                get(hf + "attn.c_attn.weight").T,
+                get(hf + "attn.c_attn.bias"),
+            )
+            out[ours + "attn.proj.weight"], out[ours + "attn.proj.bias"] = (
+                get(hf + "attn.c_proj.weight").T,
+                get(hf + "attn.c_proj.bias"),
+            )
+        for hf_name, name in (("c_fc", "up"), ("c_proj", "down")):
+            weight = get(f"{hf}mlp.{hf_name}.weight")
+            out[f"{ours}mlp.{name}.weight"] = weight if neo else weight.T  # GPT-2's Conv1D is (in, out)
+            out[f"{ours}mlp.{name}.bias"] = get(f"{hf}mlp.{hf_name}.bias")
+    return out
+
+
+def load_pretrained(name: str | os.PathLike) -> tuple[GPT, Tokenizer, dict]:
+    """Our model and tokenizer from a transformers directory or hub id (GPT-2 or GPT-Neo)."""
+    import transformers
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    if not Path(name).exists() and not offline and not hub_reachable():
+        raise UserError(f"cannot reach the Hugging Face hub to load {name}; pass a local transformers model folder")
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"cannot load a transformers model from {name}: {str(error).splitlines()[0]}; pass a run "
+            "dir, a checkpoint folder, a transformers model folder, or a reachable hub id"
+        ) from None
+    if hf_config.model_type not in SUPPORTED:
+        raise UserError(
+            f"unsupported architecture {hf_config.model_type!r} in {name}; supported: {', '.join(SUPPORTED)}"
+        )
+    _check_shapes(Path(name) / "model.safetensors", hf_config)
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as error:
+        lines = str(error).splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line or "shape" in line), lines[0])
+        raise UserError(f"cannot load the weights of {name}: {detail}") from None
+    model = from_transformers(hf)
+    local = Path(name)
+    if not local.exists() or any((local / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        tokenizer = Tokenizer(transformers.AutoTokenizer.from_pretrained(name).backend_tokenizer, str(name))
+    elif hf_config.vocab_size == 50257:  # no tokenizer files: GPT-2 and GPT-Neo use GPT-2's
+        tokenizer = Tokenizer.gpt2()
+    else:
+        raise UserError(
+            f"{name} has no tokenizer files and a vocabulary of {hf_config.vocab_size}, not GPT-2's; "
+            "add its tokenizer.json"
+        )
+    return model, tokenizer, {"path": str(name), "step": None, "source": "transformers"}
+
+
+def _check_shapes(weights: Path, hf_config) -> None:
+    """Name the first tensor of a local safetensors file whose shape its config contradicts."""
+    import transformers
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        return
+    with torch.device("meta"):
+        expected = transformers.AutoModelForCausalLM.from_config(hf_config).state_dict()
+    with safe_open(str(weights), "pt") as file:
+        for name in file.keys():  # noqa: SIM118 - safe_open is not a dict
+            shape = tuple(file.get_slice(name).get_shape())
+            if name in expected and shape != tuple(expected[name].shape):
+                raise UserError(
+                    f"tensor {name} in {weights} has shape {shape}, but config.json implies "
+                    f"{tuple(expected[name].shape)}; the weights do not match their config"
+                )
+
+
+def export(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
+    """Write a transformers model folder (config, safetensors weights, tokenizer, generation config)."""
+    import transformers
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose another --out")
+    hf = to_transformers(model)
+    eos = tokenizer.eos_id
+    hf.config.bos_token_id = hf.config.eos_token_id = eos
+    hf.generation_config = transformers.GenerationConfig(
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=True, temperature=0.8, max_new_tokens=200
+    )
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_max_length=model.config.context_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp, safe_serialization=True)
+    hf_tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out

@@ -17,10 +17,12 @@ from .config import ModelConfig
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.scale = config.attn_scale
+        self.window = config.local_window if layer in config.local_layers else None
         # One matmul for q, k and v: fewer, larger kernels matter for tiny models.
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
@@ -32,27 +34,41 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
             mask, causal = cache.mask, cache.causal
+        if self.window is not None and k.shape[2] > self.window:
+            mask, causal = _local(mask, q.shape[2], k.shape[2], self.window, q.device), False
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
+        )
         return self.proj(y.transpose(1, 2).reshape(batch, time, width))
+
+
+def _local(mask: torch.Tensor | None, queries: int, keys: int, window: int, device: torch.device) -> torch.Tensor:
+    """Causal attention that also forgets keys `window` or more positions back (GPT-Neo's local layers).
+    The queries are the last `queries` of the `keys` positions; `mask`, if given, is the causal (+ padding) mask."""
+    key = torch.arange(keys, device=device)
+    query = key[keys - queries :, None]
+    near = (query - key[None, :] < window) & (key[None, :] <= query)
+    return near if mask is None else mask & near
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         self.up = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
         self.down = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 used the tanh approximation of GELU; keep it so exported weights behave identically.
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
@@ -69,7 +85,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.context_length, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two residual branches, so shrink their output projections

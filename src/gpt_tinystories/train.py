@@ -14,14 +14,14 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import TrainConfig, parse_duration
+from .config import ModelConfig, TrainConfig, parse_duration
 from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
 from .errors import UserError
 from .evaluate import evaluate
@@ -170,13 +170,21 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     resume_from = check_run_dir(run_dir, config, resume)
     meta = checkpoint.load_meta(resume_from) if resume_from else None
 
-    # Tokenizer and data. A resumed run reuses the tokenizer it was trained with.
+    # Model shape and tokenizer: from the checkpoint being resumed, the weights to start from, or the config.
+    init_model = None
     if meta is not None:
         tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
         if tokenizer.hash != meta["tokenizer"]["hash"]:
             raise UserError(f"{run_dir / TOKENIZER_FILE} is not the tokenizer of checkpoint {resume_from}; restore it")
+        model_config = ModelConfig.from_dict(meta["model_config"])
+    elif config.init_from is not None:
+        init_model, tokenizer, _ = checkpoint.load_model(config.init_from)
+        model_config = replace(init_model.config, dropout=config.dropout)
     else:
         tokenizer = load_tokenizer(config.tokenizer, config.data)
+        model_config = config.model_config(tokenizer.vocab_size)
+    if config.context_length > model_config.context_length:
+        raise UserError(f"context_length {config.context_length} exceeds the model's {model_config.context_length}")
     train_data = prepare(config.data, tokenizer, split="train", progress=progress)
     train_data.check_tokenizer(tokenizer)
     if config.val_data is not None or is_hub_id(config.data):  # a validation source, or the hub's split
@@ -200,9 +208,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     budget = _Budget(config, tokens_per_step, windows_per_step, len(train_windows))
 
     # Model, optimizer, state.
-    model_config = config.model_config(tokenizer.vocab_size)
     torch.manual_seed(config.seed)
     model = GPT(model_config).to(device)
+    if init_model is not None:
+        model.load_state_dict(init_model.state_dict())
     optimizer = make_optimizer(model, config, device)
     step, train_seconds, best_val = 0, 0.0, math.inf
     if meta is not None:
