@@ -32,7 +32,7 @@ from .runtime import autocast_for, keep_freed_memory, pick_device
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 SAMPLE_PROMPT = "One day, a little girl named Lily found a needle in her room."
-BPE_TRAINING_BYTES = 200 << 20  # a 4096-token BPE needs far less text than the whole dataset
+BPE_TRAINING_CHARS = 200_000_000  # a 4096-token BPE needs far less text than the whole dataset
 
 
 @dataclass
@@ -52,13 +52,13 @@ def load_tokenizer(spec: str, data: str) -> Tokenizer:
     if spec.startswith("bpe-") and spec[4:].isdigit():
         if is_prepared(data):
             raise UserError(f"--data {data} is prepared data: pass the --tokenizer it was prepared with, not {spec}")
-        return Tokenizer.train(_first_bytes(iter_stories(data, "train"), BPE_TRAINING_BYTES), int(spec[4:]))
+        return Tokenizer.train(_first_chars(iter_stories(data, "train"), BPE_TRAINING_CHARS), int(spec[4:]))
     if spec != "gpt2" and not Path(spec).exists():
         raise UserError(f"tokenizer {spec!r} not found; use gpt2, bpe-N (e.g. bpe-4096) or a tokenizer.json path")
     return Tokenizer.load(spec)
 
 
-def _first_bytes(stories: Iterator[str], limit: int) -> Iterator[str]:
+def _first_chars(stories: Iterator[str], limit: int) -> Iterator[str]:
     total = 0
     for story in stories:
         yield story
