@@ -157,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, out, resume=args.resume)
     if result.stopped_by_signal:
         return 128 + result.stopped_by_signal
+    if result.rank != 0:
+        return 0
     print(f"done: step {result.step}, {result.tokens:,} tokens, val loss {result.val_loss:.4f}, "
           f"{result.val_bpb:.4f} bits/byte -> {result.run_dir}\n\nA story it wrote:\n{result.sample}")  # fmt: skip
     return 0

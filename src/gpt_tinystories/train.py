@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import ModelConfig, TrainConfig, parse_duration
 from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
+from .distributed import DataParallelLoss, Distributed
 from .errors import UserError
 from .evaluate import evaluate
 from .generate import Sampling, generate
 from .metrics import RunLog
 from .model import GPT
-from .runtime import autocast_for, keep_freed_memory, pick_device
+from .runtime import autocast_for, keep_freed_memory
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 SAMPLE_PROMPT = "One day, a little girl named Lily found a needle in her room."
@@ -44,6 +45,7 @@ class TrainResult:
     val_bpb: float | None
     sample: str | None  # the model's continuation of SAMPLE_PROMPT at the last evaluation
     stopped_by_signal: int | None = None
+    rank: int = 0  # under torchrun, only rank 0 evaluates, saves and reports
 
 
 # -- setup ---------------------------------------------------------------------------------------
@@ -162,7 +164,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     """Train (or resume) a model into `run_dir`. Every check that can fail runs before anything is written."""
     config = config.resolved()
     run_dir = Path(run_dir)
-    device = pick_device(config.device)
+    world = Distributed.setup(config.device)
+    try:
+        return _train(config, run_dir, resume, progress, world)
+    finally:
+        world.teardown()
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, world: Distributed) -> TrainResult:
+    device = world.device
     if config.threads:
         torch.set_num_threads(config.threads)
     if device.type == "cpu":
@@ -185,10 +195,12 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         model_config = config.model_config(tokenizer.vocab_size)
     if config.context_length > model_config.context_length:
         raise UserError(f"context_length {config.context_length} exceeds the model's {model_config.context_length}")
-    train_data = prepare(config.data, tokenizer, split="train", progress=progress)
+    with world.main_first():  # rank 0 prepares (and caches) the data; the others then find it
+        train_data = prepare(config.data, tokenizer, split="train", progress=progress and world.is_main)
     train_data.check_tokenizer(tokenizer)
     if config.val_data is not None or is_hub_id(config.data):  # a validation source, or the hub's split
-        val_data = prepare(config.val_data or config.data, tokenizer, "validation", progress=progress)
+        with world.main_first():
+            val_data = prepare(config.val_data or config.data, tokenizer, "validation", progress=progress)
         val_data.check_tokenizer(tokenizer)
         train_tokens, val_tokens = train_data.tokens(), val_data.tokens()
     else:  # hold out the tail of local data
@@ -196,7 +208,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     context = config.context_length
     train_windows = TokenWindows(train_tokens, context, seed=config.seed, name=f"training data {config.data}")
     val_windows = TokenWindows(val_tokens, context, seed=None, name="validation data")
-    world_size, rank = 1, 0
+    world_size, rank = world.world_size, world.rank
     if config.batch_size * world_size > len(train_windows):
         raise UserError(
             f"batch_size {config.batch_size} exceeds the {len(train_windows)} windows of {context + 1} "
@@ -225,13 +237,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
         precision = meta["precision"]
     else:
-        precision = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
+        measured = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
+        precision = world.broadcast(measured)  # every rank must compute alike
     autocast = autocast_for(device, precision)
-    loss_fn = torch.compile(model.loss) if config.compile else model.loss
+    loss_fn = DataParallelLoss(model, world, compile=config.compile)
 
-    # Only now touch the run dir.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(run_dir)
+    # Only now touch the run dir, and only from rank 0.
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(run_dir)
     resolved = {
         "train": config.to_dict(),
         "model": model_config.to_dict(),
@@ -240,8 +254,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         "tokens_per_step": tokens_per_step,
         "total_steps": budget.total_steps,
     }
-    _write_json(run_dir / "config.json", resolved)
-    log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
+    if world.is_main:
+        _write_json(run_dir / "config.json", resolved)
+        log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
+    else:
+        log = _Silent()
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
     prompt = [tokenizer.eos_id, *tokenizer.encode(SAMPLE_PROMPT)]  # stories follow EOS in the data
     tokenizer_json = tokenizer.backend.to_str()
@@ -302,13 +319,14 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         f"{len(train_windows):,} training windows, budget {budget.total_steps or '-'} steps"
         f"{f' / {config.max_time}' if config.max_time else ''} -> {run_dir}"
     )
-    bar = tqdm(total=budget.total_steps, initial=step, unit="step", disable=None if progress else True, leave=False)
+    show = None if progress and world.is_main else True
+    bar = tqdm(total=budget.total_steps, initial=step, unit="step", disable=show, leave=False)
     val_loss = val_bpb = story = None
     last_saved, last_eval = (step if meta else -1), -1
     session_start, session_step = time.perf_counter(), step
     try:
         model.train()
-        while not budget.done(step, train_seconds) and not stop_signal:
+        while not world.any(budget.done(step, train_seconds) or bool(stop_signal)):
             step_start = time.perf_counter()
             lr = learning_rate(config, step, budget.progress(step, train_seconds))
             for group in optimizer.param_groups:
@@ -319,10 +337,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                 inputs, targets = (
                     t.to(device, non_blocking=True) for t in train_windows.batch(first, config.batch_size)
                 )
-                with autocast:
-                    loss = loss_fn(inputs, targets)
+                with loss_fn.sync(last_micro_step=micro == accumulation - 1):
+                    with autocast:
+                        loss = loss_fn(inputs, targets)
+                    (loss / accumulation).backward()
                 loss_sum += loss.detach()
-                (loss / accumulation).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -330,7 +349,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             train_seconds += time.perf_counter() - step_start
             bar.update()
             if step % config.log_every == 0 or step == 1:
-                loss_value = loss_sum.item() / accumulation
+                loss_value = world.mean(loss_sum).item() / accumulation
                 speed = (step - session_step) * tokens_per_step / (time.perf_counter() - session_start)
                 log.record(
                     {
@@ -348,27 +367,40 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
                 if bar.disable:
                     log.print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:,.0f} tokens/s")
-            evaluating = step % config.eval_every == 0
+            evaluating = step % config.eval_every == 0 and world.is_main  # rank 0 evaluates and saves
             if evaluating:
                 val_loss, val_bpb, story = evaluate_and_sample()
                 last_eval = step
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or (
-                evaluating and not config.checkpoint_every
-            ):
+            checkpointing = (config.checkpoint_every and step % config.checkpoint_every == 0) or (
+                step % config.eval_every == 0 and not config.checkpoint_every
+            )
+            if checkpointing and world.is_main:
                 save(val_loss if evaluating else None)
                 last_saved = step
-        if not stop_signal and last_eval != step:  # the final model is always evaluated
+        if world.is_main and not stop_signal and last_eval != step:  # the final model is always evaluated
             val_loss, val_bpb, story = evaluate_and_sample()
-        if step != last_saved:
+        if world.is_main and step != last_saved:
             save(None if stop_signal else val_loss)
     finally:
         bar.close()
         _restore_signals(previous_handlers)
         log.close()
-    if stop_signal:
+    if stop_signal and world.is_main:
         print(f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved; run the same command to resume")
     signum = stop_signal[0] if stop_signal else None
-    return TrainResult(run_dir, step, step * tokens_per_step, val_loss, val_bpb, story, signum)
+    return TrainResult(run_dir, step, step * tokens_per_step, val_loss, val_bpb, story, signum, world.rank)
+
+
+class _Silent:
+    """The log of ranks other than 0: they train but do not report."""
+
+    def record(self, record: dict) -> None: ...
+
+    def print(self, message: str) -> None: ...
+
+    def plot(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _catch_signals(stop: list[int]) -> dict:

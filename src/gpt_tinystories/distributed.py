@@ -1,0 +1,118 @@
+"""Data-parallel training under torchrun: process group set-up and teardown, and the few collectives the
+training loop needs. A plain `python` run is world size 1 and touches none of torch.distributed.
+
+    torchrun --nproc_per_node 2 -m gpt_tinystories train ...   (nccl on CUDA, gloo on CPU)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .model import GPT
+from .runtime import pick_device
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, device_name: str) -> Distributed:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls(0, 1, pick_device(device_name))
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = pick_device("cpu" if device_name == "cpu" else device_name)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world_size, device)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. writes a cache), then the others (which find it)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's value, on every rank."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on one: ranks must stop at the same step."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def teardown(self) -> None:
+        # A barrier before destroying the group: without it gloo sometimes aborts at exit (shared/pitfalls.md).
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class _Loss(nn.Module):
+    """DDP synchronises gradients through forward(); training wants the model's fused loss."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(inputs, targets)
+
+
+class DataParallelLoss:
+    """The training loss of `model`, with gradients all-reduced across ranks on the last micro-step only."""
+
+    def __init__(self, model: GPT, world: Distributed, compile: bool = False) -> None:
+        module: nn.Module = _Loss(model)
+        if world.world_size > 1:
+            ids = [world.device.index] if world.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.module = module
+        self.call = torch.compile(module) if compile else module
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.call(inputs, targets)
+
+    def sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Skip the all-reduce until the last micro-step of a step (DDP's no_sync)."""
+        if last_micro_step or not isinstance(self.module, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
