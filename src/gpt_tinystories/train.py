@@ -200,7 +200,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     train_data.check_tokenizer(tokenizer)
     if config.val_data is not None or is_hub_id(config.data):  # a validation source, or the hub's split
         with world.main_first():
-            val_data = prepare(config.val_data or config.data, tokenizer, "validation", progress=progress)
+            val_data = prepare(
+                config.val_data or config.data, tokenizer, "validation", progress=progress and world.is_main
+            )
         val_data.check_tokenizer(tokenizer)
         train_tokens, val_tokens = train_data.tokens(), val_data.tokens()
     else:  # hold out the tail of local data
@@ -246,15 +248,14 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(run_dir)
-    resolved = {
-        "train": config.to_dict(),
-        "model": model_config.to_dict(),
-        "precision": precision,
-        "accumulation": accumulation,
-        "tokens_per_step": tokens_per_step,
-        "total_steps": budget.total_steps,
-    }
-    if world.is_main:
+        resolved = {
+            "train": config.to_dict(),
+            "model": model_config.to_dict(),
+            "precision": precision,
+            "accumulation": accumulation,
+            "tokens_per_step": tokens_per_step,
+            "total_steps": budget.total_steps,
+        }
         _write_json(run_dir / "config.json", resolved)
         log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
     else:
@@ -313,8 +314,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     previous_handlers = _catch_signals(stop_signal)
     verb = "resuming from step" if meta else "training from step"
     log.print(
-        f"{verb} {step}: {config.preset} ({model.num_parameters():,} parameters, {model.num_parameters(True):,} "
-        f"non-embedding), tokenizer {tokenizer.name} ({tokenizer.vocab_size}), {device} {precision}, "
+        f"{verb} {step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
+        f"{model.num_parameters(True):,} non-embedding), tokenizer {tokenizer.name} ({tokenizer.vocab_size}), "
+        f"{device} {precision}, "
         f"{tokens_per_step:,} tokens/step ({config.batch_size}x{context} x {accumulation} accumulation), "
         f"{len(train_windows):,} training windows, budget {budget.total_steps or '-'} steps"
         f"{f' / {config.max_time}' if config.max_time else ''} -> {run_dir}"
