@@ -125,7 +125,9 @@ def test_gpt_neo_model_round_trips_through_our_checkpoint_format(tmp_path):
 
     ours = from_transformers(tinystories_1m("gpt_neo", vocab_size=50257))
     files = {"tokenizer.json": Tokenizer.gpt2().backend.to_str()}
-    checkpoint.save(tmp_path / "ckpt", ours, {"model_config": ours.config.to_dict(), "tokenizer": {}}, None, files)
+    checkpoint.save(
+        tmp_path / "ckpt", ours.state_dict(), {"model_config": ours.config.to_dict(), "tokenizer": {}}, None, files
+    )
     again, _, _ = load_model(tmp_path / "ckpt")
     assert again.config == ours.config
     ids = torch.randint(0, 50257, (1, 280))

@@ -31,7 +31,7 @@ CHECKPOINTS = "checkpoints"
 
 def save(
     directory: str | os.PathLike,
-    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
     meta: dict,
     trainer_state: dict | None = None,
     extra_files: dict[str, str] | None = None,
@@ -43,7 +43,7 @@ def save(
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
     save_file(state, tmp / WEIGHTS)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER)

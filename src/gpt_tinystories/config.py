@@ -165,6 +165,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | bf16 | fp32; auto measures bf16 against fp32 on CPUs
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     threads: int | None = None
     wandb: bool = False
     wandb_project: str = "gpt-tinystories"
@@ -172,7 +173,8 @@ class TrainConfig:
     # Fields that may change when a run is resumed: they do not alter the trajectory of the weights.
     RESUMABLE_CHANGES = frozenset(
         {"max_steps", "max_tokens", "max_epochs", "max_time", "eval_every", "eval_batches", "log_every",
-         "checkpoint_every", "keep_last", "device", "compile", "threads", "wandb", "wandb_project", "sample_tokens"}
+         "checkpoint_every", "keep_last", "device", "compile", "fsdp", "threads", "wandb", "wandb_project",
+         "sample_tokens"}
     )  # fmt: skip
 
     @classmethod

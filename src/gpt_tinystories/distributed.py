@@ -14,6 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from .model import GPT
 from .runtime import pick_device
@@ -98,21 +104,50 @@ class _Loss(nn.Module):
 
 
 class DataParallelLoss:
-    """The training loss of `model`, with gradients all-reduced across ranks on the last micro-step only."""
+    """The training loss of `model` across ranks: DDP (a full copy per rank, gradients all-reduced on the last
+    micro-step), or FSDP2 (`fsdp=True`: parameters, gradients and optimizer state sharded per block).
 
-    def __init__(self, model: GPT, world: Distributed, compile: bool = False) -> None:
+    State leaves and enters as full (unsharded) state dicts, so checkpoints load on any world size, with or
+    without FSDP. Under FSDP gathering them is collective: every rank must call model_state()/optimizer_state().
+    """
+
+    def __init__(self, model: GPT, world: Distributed, fsdp: bool = False, compile: bool = False) -> None:
+        self.model, self.world = model, world
+        self.fsdp = fsdp and world.world_size > 1
         module: nn.Module = _Loss(model)
-        if world.world_size > 1:
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(module)  # the root: embeddings and final norm, gathered around each forward
+        elif world.world_size > 1:
             ids = [world.device.index] if world.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         self.module = module
         self.call = torch.compile(module) if compile else module
+        self.options = StateDictOptions(full_state_dict=True, cpu_offload=world.world_size > 1)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The full weights (on rank 0; other ranks get an empty dict under FSDP)."""
+        if not self.fsdp:
+            return self.model.state_dict()
+        return get_model_state_dict(self.model, options=self.options)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        return get_optimizer_state_dict(self.model, optimizer, options=self.options)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.call(inputs, targets)
 
     def sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         """Skip the all-reduce until the last micro-step of a step (DDP's no_sync)."""
+        if self.fsdp:
+            self.module.set_requires_gradient_sync(last_micro_step)
+            return contextlib.nullcontext()
         if last_micro_step or not isinstance(self.module, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return self.module.no_sync()

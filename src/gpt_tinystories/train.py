@@ -226,12 +226,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     model = GPT(model_config).to(device)
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
-    optimizer = make_optimizer(model, config, device)
-    step, train_seconds, best_val = 0, 0.0, math.inf
+    step, train_seconds, best_val, state = 0, 0.0, math.inf, None
     if meta is not None:
         checkpoint.load_weights(resume_from, model)
         state = checkpoint.load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         if "cuda" in state:
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -242,7 +240,11 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         measured = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
         precision = world.broadcast(measured)  # every rank must compute alike
     autocast = autocast_for(device, precision)
-    loss_fn = DataParallelLoss(model, world, compile=config.compile)
+    loss_fn = DataParallelLoss(model, world, fsdp=config.fsdp, compile=config.compile)  # shards under FSDP
+    optimizer = make_optimizer(model, config, device)
+    if state is not None:
+        loss_fn.load_optimizer_state(optimizer, state["optimizer"])
+    eval_model = GPT(model_config).to(device) if loss_fn.fsdp and world.is_main else model
 
     # Only now touch the run dir, and only from rank 0.
     if world.is_main:
@@ -264,7 +266,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     prompt = [tokenizer.eos_id, *tokenizer.encode(SAMPLE_PROMPT)]  # stories follow EOS in the data
     tokenizer_json = tokenizer.backend.to_str()
 
-    def save(val_loss: float | None) -> None:
+    def save(val_loss: float | None, weights: dict, optimizer_state: dict) -> None:
         nonlocal best_val
         best = min(best_val, val_loss if val_loss is not None else math.inf)
         ckpt_meta = {
@@ -278,22 +280,24 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
             "train_config": config.to_dict(),
             "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "file": TOKENIZER_FILE},
         }
-        trainer_state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        trainer_state = {"optimizer": optimizer_state, "rng": torch.get_rng_state()}
         if device.type == "cuda":
             trainer_state["cuda"] = torch.cuda.get_rng_state_all()
         files = {TOKENIZER_FILE: tokenizer_json}  # each checkpoint folder is self-contained
         root = run_dir / checkpoint.CHECKPOINTS
-        checkpoint.save(root / f"step-{step:06d}", model, ckpt_meta, trainer_state, files)
+        checkpoint.save(root / f"step-{step:06d}", weights, ckpt_meta, trainer_state, files)
         checkpoint.prune(run_dir, config.keep_last)
         if val_loss is not None and val_loss < best_val:
             best_val = val_loss
-            checkpoint.save(root / "best", model, {**ckpt_meta, "best_val_loss": val_loss}, None, files)
+            checkpoint.save(root / "best", weights, {**ckpt_meta, "best_val_loss": val_loss}, None, files)
 
-    def evaluate_and_sample() -> tuple[float, float, str]:
-        result = evaluate(model, val_windows, token_bytes, config.batch_size, config.eval_batches, autocast)
+    def evaluate_and_sample(weights: dict) -> tuple[float, float, str]:
+        if eval_model is not model:  # FSDP: rank 0 evaluates a gathered copy
+            eval_model.load_state_dict(weights)
+        result = evaluate(eval_model, val_windows, token_bytes, config.batch_size, config.eval_batches, autocast)
         generator = torch.Generator(device).manual_seed(config.seed)  # sampling leaves the run's RNG alone
         with autocast:
-            (story,) = generate(model, [prompt], config.sample_tokens, Sampling(0.8, top_k=50), tokenizer.eos_id,
+            (story,) = generate(eval_model, [prompt], config.sample_tokens, Sampling(0.8, top_k=50), tokenizer.eos_id,
                                 generator)  # fmt: skip
         text = tokenizer.decode(prompt[1:] + story)
         log.record(
@@ -309,6 +313,19 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         log.print(f"step {step}: val loss {result.loss:.4f}, {result.bits_per_byte:.4f} bits/byte | {text!r}")
         log.plot()
         return result.loss, result.bits_per_byte, text
+
+    def report(evaluating: bool, checkpointing: bool, *last: object) -> tuple:
+        """Evaluate and/or checkpoint on rank 0; every rank takes part in gathering sharded state."""
+        if not (evaluating or checkpointing):
+            return last
+        weights = loss_fn.model_state()
+        optimizer_state = loss_fn.optimizer_state(optimizer) if checkpointing else None
+        if not world.is_main:
+            return last
+        results = evaluate_and_sample(weights) if evaluating else last
+        if checkpointing:
+            save(results[0] if evaluating else None, weights, optimizer_state)
+        return results
 
     stop_signal: list[int] = []
     previous_handlers = _catch_signals(stop_signal)
@@ -369,20 +386,15 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
                 if bar.disable:
                     log.print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:,.0f} tokens/s")
-            evaluating = step % config.eval_every == 0 and world.is_main  # rank 0 evaluates and saves
-            if evaluating:
-                val_loss, val_bpb, story = evaluate_and_sample()
-                last_eval = step
+            evaluating = step % config.eval_every == 0
             checkpointing = (config.checkpoint_every and step % config.checkpoint_every == 0) or (
-                step % config.eval_every == 0 and not config.checkpoint_every
+                evaluating and not config.checkpoint_every
             )
-            if checkpointing and world.is_main:
-                save(val_loss if evaluating else None)
-                last_saved = step
-        if world.is_main and not stop_signal and last_eval != step:  # the final model is always evaluated
-            val_loss, val_bpb, story = evaluate_and_sample()
-        if world.is_main and step != last_saved:
-            save(None if stop_signal else val_loss)
+            val_loss, val_bpb, story = report(evaluating, checkpointing, val_loss, val_bpb, story)
+            last_eval, last_saved = (step if evaluating else last_eval), (step if checkpointing else last_saved)
+        # the final model is always evaluated (unless interrupted) and saved
+        evaluating, checkpointing = not stop_signal and last_eval != step, step != last_saved
+        val_loss, val_bpb, story = report(evaluating, checkpointing, val_loss, val_bpb, story)
     finally:
         bar.close()
         _restore_signals(previous_handlers)
