@@ -64,7 +64,7 @@ def evaluate(
     nats = torch.zeros((), dtype=torch.float64, device=device)
     text_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for first in tqdm(range(0, count, batch_size), desc="eval", unit="batch", disable=None if progress else True):
-        inputs, targets = (t.to(device) for t in windows.batch(first, min(batch_size, count - first)))
+        inputs, targets = windows.batch(first, min(batch_size, count - first), device)
         with autocast or contextlib.nullcontext():
             nats += model.loss(inputs, targets, reduction="sum").double()
         text_bytes += token_bytes[targets].sum()

@@ -333,7 +333,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     log.print(
         f"{verb} {step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
         f"{model.num_parameters(True):,} non-embedding), tokenizer {tokenizer.name} ({tokenizer.vocab_size}), "
-        f"{device} {precision}, "
+        f"{device} {precision}{loss_fn.describe()}, "
         f"{tokens_per_step:,} tokens/step ({config.batch_size}x{context} x {accumulation} accumulation), "
         f"{len(train_windows):,} training windows, budget {budget.total_steps or '-'} steps"
         f"{f' / {config.max_time}' if config.max_time else ''} -> {run_dir}"
@@ -353,9 +353,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
             loss_sum = torch.zeros((), device=device)
             for micro in range(accumulation):
                 first = ((step * accumulation + micro) * world_size + rank) * config.batch_size
-                inputs, targets = (
-                    t.to(device, non_blocking=True) for t in train_windows.batch(first, config.batch_size)
-                )
+                inputs, targets = train_windows.batch(first, config.batch_size, device)
                 with loss_fn.sync(last_micro_step=micro == accumulation - 1):
                     with autocast:
                         loss = loss_fn(inputs, targets)
