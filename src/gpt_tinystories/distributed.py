@@ -144,11 +144,12 @@ class DataParallelLoss:
             return self.model.state_dict()
         return get_model_state_dict(self.model, options=self.options)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        return get_optimizer_state_dict(self.model, optimizer, options=self.options)
+    def optimizer_state(self, optimizers: list[torch.optim.Optimizer]) -> dict:
+        """One state dict for all the optimizers, keyed by parameter name."""
+        return get_optimizer_state_dict(self.model, optimizers, options=self.options)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    def load_optimizer_state(self, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+        set_optimizer_state_dict(self.model, optimizers, state, options=StateDictOptions(full_state_dict=True))
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.call(inputs, targets)

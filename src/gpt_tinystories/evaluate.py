@@ -72,6 +72,13 @@ def evaluate(
     return EvalResult(nats=nats.item(), tokens=count * windows.context_length, text_bytes=int(text_bytes.item()))
 
 
+def gpt2_tokens_scored(result: EvalResult, windows: TokenWindows, tokenizer: Tokenizer) -> int:
+    """GPT-2 tokens of the text that `result` scored: the targets of the first windows, in order."""
+    count = result.tokens // windows.context_length
+    targets = np.concatenate([windows.window(i)[1:] for i in range(count)])
+    return gpt2_token_count(tokenizer, targets, Tokenizer.gpt2())
+
+
 def gpt2_token_count(tokenizer: Tokenizer, tokens: np.ndarray, gpt2: Tokenizer) -> int:
     """How many GPT-2 tokens the text of `tokens` takes: each story re-encoded, plus one per EOS."""
     ends = np.flatnonzero(tokens == tokenizer.eos_id)
