@@ -466,4 +466,3 @@ def _catch_signals(stop: list[int]) -> dict:
 def _restore_signals(previous: dict) -> None:
     for signum, handler in previous.items():
         signal.signal(signum, handler)
-
