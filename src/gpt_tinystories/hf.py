@@ -76,8 +76,7 @@ def to_transformers(model: GPT):
             eos_token_id=None,
         )
         hf = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa")
-        state = _llama_state(model)
-        return _load(hf, state, model)
+        return _load(hf, _llama_state(model), model)
     state: dict[str, torch.Tensor] = {
         "transformer.wte.weight": model.wte.weight,
         "transformer.wpe.weight": model.wpe.weight,
