@@ -23,10 +23,17 @@ def sample(name: str) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    # Prepared data goes to a temporary cache, never to ~/.cache or beside the (read-only) sample.
-    monkeypatch.setenv("GPT_TINYSTORIES_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    # Prepared data goes to a temporary cache, never to ~/.cache or beside the (read-only) sample. Set for the
+    # whole session: module-scoped fixtures are set up before any function-scoped one could set it.
+    previous = os.environ.get("GPT_TINYSTORIES_CACHE")
+    os.environ["GPT_TINYSTORIES_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield
+    if previous is None:
+        del os.environ["GPT_TINYSTORIES_CACHE"]
+    else:
+        os.environ["GPT_TINYSTORIES_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
