@@ -81,7 +81,7 @@ def test_typing_a_prompt_and_generating_streams_the_story_in(playground):
     ]
     assert int(tokens) > 100 and int(rate) > 0
     growth = page.evaluate("window.growth")
-    assert len(growth) > 100  # one append per piece of text
+    assert len(growth) > 10  # several chunks (the pieces that arrive together are appended in one go)
     assert (growth[-1] - growth[0]) / 1000 > 0.5 * int(tokens) / int(rate)  # spread over the writing, not at once
 
 
