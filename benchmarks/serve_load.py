@@ -25,9 +25,11 @@ from pathlib import Path
 import httpx
 import torch
 
+import gpt_tinystories
 from gpt_tinystories import checkpoint
 from gpt_tinystories.config import ModelConfig
 from gpt_tinystories.data import iter_stories
+from gpt_tinystories.generate import Sampling, generate
 from gpt_tinystories.model import GPT
 from gpt_tinystories.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -43,6 +45,19 @@ def random_checkpoint(directory: Path, preset: str, sample: Path) -> Path:
     return checkpoint.save(
         directory, GPT(config).state_dict(), meta, None, {TOKENIZER_FILE: tokenizer.backend.to_str()}
     )
+
+
+def in_process(source: str | Path, max_new_tokens: int, requests: int = 20) -> tuple[float, float]:
+    """Tokens/s and seconds per request of the same requests decoded in this process, one after another."""
+    teller = gpt_tinystories.load(source)
+    tokens, started = 0, time.perf_counter()
+    for request in range(requests):
+        prompt = [teller.encode_prompt(PROMPTS[request % len(PROMPTS)])]
+        generator = torch.Generator().manual_seed(request)
+        (new,) = generate(teller.model, prompt, max_new_tokens, Sampling(0.8), teller.tokenizer.eos_id, generator)
+        tokens += len(new)
+    seconds = time.perf_counter() - started
+    return tokens / seconds, seconds / requests
 
 
 async def client(http: httpx.AsyncClient, url: str, number: int, until: float, max_new_tokens: int, results: list):
@@ -106,6 +121,8 @@ def main() -> None:
             print(f"model: {info['preset'] or 'custom'} ({info['parameters']:,} parameters, {info['dtype']}, "
                   f"{info['device']}), tokenizer {info['tokenizer']['name']}; {args.max_new_tokens} new tokens per "
                   f"request, {args.seconds:g} s per row")  # fmt: skip
+            rate, per_request = in_process(source, args.max_new_tokens)
+            print(f"in this process, without HTTP: {rate:,.0f} tokens/s, {per_request:.3f} s per request")
             print(f"{'clients':>7} {'requests':>8} {'req/s':>6} {'tokens/s':>8} {'first p50':>9} {'first p99':>9} "
                   f"{'end p50':>8} {'end p99':>8}")  # fmt: skip
             for clients in args.clients:
