@@ -360,7 +360,9 @@ def _jsonable(errors: list[dict]) -> list[dict]:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port (port 0: any free one), or a UserError saying what is wrong."""
+    """A listening socket on host:port (port 0: any free one), or a UserError saying what is wrong.
+
+    It listens at once, so clients that connect before the server has started wait instead of being refused."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError):
@@ -378,6 +380,7 @@ def bind(host: str, port: int) -> socket.socket:
         if error.errno == errno.EACCES:
             raise UserError(f"no permission to listen on port {port}; use a port above 1023") from None
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.listen(2048)  # uvicorn's default backlog
     return sock
 
 
