@@ -140,6 +140,32 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"compared {len(args.run_dirs)} runs -> {report} (plots beside it)")
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return int(text)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import ipaddress
+
+    from . import load, serve
+
+    limits = serve.Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens,
+                          max_samples=args.max_samples, max_queue=args.max_queue)  # fmt: skip
+    sock = serve.bind(args.host, args.port)  # before loading the model: a taken port fails at once
+    app = serve.create_app(load(args.checkpoint, args.device, args.dtype), limits)
+    try:
+        loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
+              "(there is no authentication)", file=sys.stderr)  # fmt: skip
+    print(f"story playground for {app.state.worker.teller.source} at {serve.url(sock)} (Ctrl-C stops)", flush=True)
+    serve.run(app, sock, args.log_level)
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .data import iter_stories
     from .tokenizer import Tokenizer
@@ -276,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the run dirs to compare (two or more)")
     p.add_argument("--out", default="comparison", help="folder for report.md and the plots (default: comparison)")
     p.set_defaults(func=cmd_compare)
+
+    p = verbs.add_parser("serve", help="the story playground: an HTTP API and a page to write stories in a browser")
+    p.add_argument("--checkpoint", required=True, help="a run dir, a checkpoint folder, or a transformers folder")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every network (default: 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="0 picks a free port (default: 8000)")
+    p.add_argument("--max-prompt-chars", type=_positive_int, default=4000, help="longest prompt accepted")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=1000, help="cap on a request's max_new_tokens")
+    p.add_argument("--max-samples", type=_positive_int, default=4, help="cap on a request's n")
+    p.add_argument("--max-queue", type=_positive_int, default=16, help="requests that may wait; more get 503")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    p.set_defaults(func=cmd_serve)
 
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"
