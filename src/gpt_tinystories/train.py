@@ -227,6 +227,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
     step, train_seconds, best_val, state = 0, 0.0, math.inf, None
+    skipped = bad_in_a_row = 0  # steps skipped for a non-finite loss or gradient: in all, and the current streak
     if meta is not None:
         checkpoint.load_weights(resume_from, model)
         state = checkpoint.load_trainer_state(resume_from)
@@ -234,6 +235,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         if "cuda" in state:
             torch.cuda.set_rng_state_all(state["cuda"])
         step, train_seconds = meta["step"], meta["train_seconds"]
+        skipped, bad_in_a_row = meta.get("skipped_steps", 0), meta.get("bad_steps_in_a_row", 0)
         best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
         precision = meta["precision"]
     else:
@@ -273,6 +275,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
             "step": step,
             "tokens": step * tokens_per_step,
             "train_seconds": train_seconds,
+            "skipped_steps": skipped,
+            "bad_steps_in_a_row": bad_in_a_row,
             "val_loss": val_loss,
             "best_val_loss": best if math.isfinite(best) else None,
             "precision": precision,
@@ -362,11 +366,19 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                     (loss / accumulation).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
+            # A non-finite loss or gradient on any rank skips the update on all of them. The step still counts
+            # (its batch is used up), so batches stay a pure function of (seed, step) and a resumed run skips
+            # exactly the same steps.
+            bad = world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm.item())))
+            if not bad:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            skipped, bad_in_a_row = skipped + bad, bad_in_a_row + 1 if bad else 0
             train_seconds += time.perf_counter() - step_start
             bar.update()
+            if bad:
+                log.print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
             if step % config.log_every == 0 or step == 1:
                 loss_value = world.mean(loss_sum).item() / accumulation
                 speed = (step - session_step) * tokens_per_step / (time.perf_counter() - session_start)
@@ -378,6 +390,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                         "loss": loss_value,
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
+                        "skipped_steps": skipped,
                         "tokens_per_second": speed,
                         "epoch": step * windows_per_step / len(train_windows),
                         "seconds": train_seconds,
@@ -386,10 +399,19 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
                 if bar.disable:
                     log.print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:,.0f} tokens/s")
+            if bad_in_a_row >= config.max_bad_steps:
+                kept = run_dir / checkpoint.CHECKPOINTS / f"step-{last_saved:06d}" if last_saved >= 0 else None
+                raise UserError(
+                    f"training stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                    f"gradient (max_bad_steps {config.max_bad_steps}); the last good checkpoint is "
+                    f"{kept or 'none: none was written'}; lower lr or use precision fp32 and train again "
+                    "(--init-from that checkpoint keeps its weights)"
+                )
             evaluating = step % config.eval_every == 0
             checkpointing = (config.checkpoint_every and step % config.checkpoint_every == 0) or (
                 evaluating and not config.checkpoint_every
             )
+            checkpointing = checkpointing and not bad_in_a_row  # keep the last good checkpoint the newest
             val_loss, val_bpb, story = report(evaluating, checkpointing, val_loss, val_bpb, story)
             last_eval, last_saved = (step if evaluating else last_eval), (step if checkpointing else last_saved)
         # the final model is always evaluated (unless interrupted) and saved
