@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -128,6 +129,22 @@ def test_a_kill_while_a_checkpoint_is_replaced_loses_nothing(tmp_path):
     assert checkpoint.load_meta(folder)["step"] == 1
     checkpoint.verify(folder)
     assert [p.name for p in folder.parent.iterdir()] == ["best"]
+
+
+def test_a_checkpoint_write_failing_half_way_leaves_the_old_one_and_no_debris(tmp_path):
+    """A full disk (RLIMIT_FSIZE: writes past 1 MB fail with EFBIG) while `best` is rewritten."""
+    folder = tmp_path / "checkpoints" / "best"
+    checkpoint.save(folder, {"w": torch.zeros(3)}, {"step": 1})
+    script = (
+        "import sys, torch; from gpt_tinystories import checkpoint as c\n"
+        "c.save(sys.argv[1], {'w': torch.zeros(1 << 20)}, {'step': 2})\n"
+    )
+    limit = 1 << 20
+    process = subprocess.run([sys.executable, "-c", script, folder], capture_output=True, text=True,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    assert process.returncode == 1 and "OSError: [Errno 27] File too large" in process.stderr, process.stderr
+    checkpoint.verify(folder)
+    assert checkpoint.load_meta(folder)["step"] == 1 and [p.name for p in folder.parent.iterdir()] == ["best"]
 
 
 def test_every_damaged_checkpoint_is_an_error_not_a_fresh_start(tmp_path):

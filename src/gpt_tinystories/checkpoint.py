@@ -18,14 +18,16 @@ import pickle
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .data import is_hub_id
-from .errors import UserError
+from .errors import UserError, write_error
 from .model import GPT
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -72,8 +74,10 @@ def save(
         _fault_point("meta")
         for path in tmp.iterdir():
             _fsync(path)
-    except BaseException:  # e.g. disk full: leave no half-written folder behind
+    except BaseException as error:  # e.g. disk full: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, (SafetensorError, RuntimeError)):  # how safetensors and torch.save report it
+            raise write_error(error, tmp) from error
         raise
     _replace_dir(tmp, directory)
     _fsync(directory.parent)
@@ -116,7 +120,9 @@ def load_trainer_state(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     _verify(directory, TRAINER)
     try:
-        return torch.load(directory / TRAINER, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols its own files never use
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(directory / TRAINER, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"{directory / TRAINER} holds objects other than tensors; refusing to unpickle it") from None
 

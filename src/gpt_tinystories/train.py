@@ -27,7 +27,7 @@ from .distributed import DataParallelLoss, Distributed
 from .errors import UserError
 from .evaluate import evaluate
 from .generate import Sampling, generate
-from .metrics import RunLog
+from .metrics import LOG, METRICS, PLOT, RunLog
 from .model import GPT
 from .runtime import autocast_for, keep_freed_memory
 from .tokenizer import TOKENIZER_FILE, Tokenizer
@@ -140,6 +140,7 @@ def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> Path | No
     """The checkpoint to resume from, if any; refuses a run dir that holds a run of other settings."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; choose a folder for the run")
+    _refuse_escapes(run_dir)
     latest = checkpoint.latest(run_dir)
     if latest is None:
         if resume:
@@ -158,6 +159,23 @@ def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> Path | No
             "new run, or the same settings to resume this one"
         )
     return latest
+
+
+RUN_DIR_OUTPUTS = ("config.json", TOKENIZER_FILE, METRICS, LOG, PLOT, "wandb-id.txt", "wandb", checkpoint.CHECKPOINTS)
+
+
+def _refuse_escapes(run_dir: Path) -> None:
+    """A symlink among the run dir's outputs would make training write (and prune) outside it: refuse it."""
+    root = run_dir.resolve()
+    paths = [run_dir / name for name in RUN_DIR_OUTPUTS]
+    if (run_dir / checkpoint.CHECKPOINTS).is_dir():
+        paths += sorted((run_dir / checkpoint.CHECKPOINTS).iterdir())
+    for path in paths:
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise UserError(
+                f"{path} is a symlink to {path.resolve()}, outside the run dir {run_dir}; training would write "
+                "there: remove the link or choose another --out"
+            )
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
