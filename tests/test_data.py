@@ -190,13 +190,13 @@ def test_each_epoch_visits_every_window_once_in_a_new_order(prepared):
     assert x[0].tolist() == tokens[3 * 128 : 4 * 128].tolist() and y[0, -1] == tokens[4 * 128]
 
 
-def test_holdout_cuts_at_a_story_boundary(prepared, bpe, monkeypatch):
+def test_holdout_cuts_at_a_story_boundary(prepared, bpe, monkeypatch, tmp_path):
     head, tail = prepared.holdout(0.1)
     (stream,) = prepared.tokens()
     assert np.concatenate(head + tail).tolist() == stream.tolist()
     assert head[-1][-1] == bpe.eos_id and sum(map(len, tail)) == pytest.approx(0.1 * len(stream), rel=0.05)
     monkeypatch.setattr(data, "SHARD_TOKENS", 10_000)  # across shards too
-    sharded = prepare(sample("validation-first1000.txt"), bpe, progress=False)
+    sharded = prepare(sample("validation-first1000.txt"), bpe, cache_dir=tmp_path, progress=False)  # not cached
     head2, tail2 = sharded.holdout(0.1)
     assert np.concatenate(head2).tolist() == np.concatenate(head).tolist() and len(sharded.tokens()) > 10
 
