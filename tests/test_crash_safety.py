@@ -21,7 +21,7 @@ from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.errors import UserError
 from gpt_tinystories.train import train
 
-STEPS = 24
+STEPS = 32  # room for six kills, each a few steps further on
 TINY = dict(preset="1M", d_model=32, n_layer=2, n_head=4, context_length=64, dropout=0.1, batch_size=4,
             tokens_per_step=512, warmup_steps=3, lr=3e-3, max_steps=STEPS, eval_every=STEPS, eval_batches=2,
             log_every=1, sample_tokens=4, precision="fp32", checkpoint_every=2, keep_last=3, threads=1)  # fmt: skip

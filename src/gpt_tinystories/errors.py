@@ -17,4 +17,5 @@ def write_error(error: Exception, path: str | os.PathLike) -> OSError:
     found = re.search(r"os error (\d+)", str(error))
     if found:
         return OSError(int(found[1]), os.strerror(int(found[1])), str(path))
-    return OSError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}")
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return OSError(f"cannot write {path}: {detail}")
