@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,65 @@ def test_a_checkpoint_resumes_on_another_world_size(runs, resumed, uninterrupted
     ]  # fmt: skip
     for name, tensor in weights(runs / uninterrupted).items():
         torch.testing.assert_close(weights(runs / resumed)[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def _children(parent: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # the process is gone
+            continue
+    return pids
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((v[5:].decode() for v in environ if v.startswith(b"RANK=")), None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_a_crashed_rank_stops_the_job_and_the_rerun_loses_nothing(tmp_path, bpe):
+    """SIGKILL one of two ranks mid-run: torchrun stops the job; the same command resumes from the last
+    checkpoint and ends with the weights and losses of a run that never crashed."""
+    tokenizer = bpe.save(tmp_path / "tok")
+    flags = ["train", "--preset", "1M", "--data", sample("validation-first1000.txt"), "--tokenizer", tokenizer,
+             "--d-model", "32", "--n-layer", "2", "--n-head", "4", "--context-length", "64", "--batch-size", "4",
+             "--tokens-per-step", "512", "--max-steps", "120", "--checkpoint-every", "20", "--eval-every", "1000",
+             "--eval-batches", "2", "--sample-tokens", "4", "--log-every", "1", "--precision", "fp32"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "gpt_tinystories", *map(str, flags)]  # fmt: skip
+
+    def run(out):
+        return subprocess.run([*torchrun, "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+
+    reference = tmp_path / "reference"
+    uninterrupted = run(reference)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    job = subprocess.Popen([*torchrun, "--out", str(crashed)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not (crashed / "checkpoints" / "step-000040").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before its step-40 checkpoint"
+        time.sleep(0.02)
+    (victim,) = [pid for pid in _children(job.pid) if _rank_of(pid) == "1"]
+    os.kill(victim, signal.SIGKILL)
+    output, _ = job.communicate(timeout=60)
+    assert job.returncode != 0, output[-3000:]
+    assert not (crashed / "checkpoints" / "step-000120").exists()
+
+    resumed = run(crashed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"resuming from step (4|6|8|10)0\b", resumed.stdout), resumed.stdout[:2000]
+    assert losses(crashed) == losses(reference)
+    final = "checkpoints/step-000120/model.safetensors"
+    reference_weights = load_file(reference / final)
+    for name, tensor in load_file(crashed / final).items():
+        assert torch.equal(tensor, reference_weights[name]), name

@@ -16,7 +16,7 @@ from gpt_tinystories import checkpoint
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.errors import UserError
 from gpt_tinystories.model import GPT
-from gpt_tinystories.train import _Budget, choose_precision, learning_rate, make_optimizer, train
+from gpt_tinystories.train import _Budget, choose_precision, learning_rate, make_optimizers, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,19 @@ def test_warmup_then_cosine_to_the_floor():
     assert learning_rate(config, 100, 1.0) == pytest.approx(1e-4)
 
 
+def test_warmup_stable_decay_and_constant_schedules():
+    wsd = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2).resolved()
+    assert learning_rate(wsd, 4, 0.0) == pytest.approx(0.5e-3)
+    assert learning_rate(wsd, 50, 0.5) == learning_rate(wsd, 80, 0.8) == pytest.approx(1e-3)  # stable
+    assert learning_rate(wsd, 90, 0.9) == pytest.approx(0.55e-3)  # halfway down the linear decay
+    assert learning_rate(wsd, 100, 1.0) == pytest.approx(1e-4)
+    constant = TrainConfig(lr=1e-3, warmup_steps=10, schedule="constant").resolved()
+    assert learning_rate(constant, 4, 0.0) == pytest.approx(0.5e-3)
+    assert learning_rate(constant, 100, 1.0) == pytest.approx(1e-3)
+    with pytest.raises(UserError, match="schedule must be one of cosine, wsd, constant, got 'linear'"):
+        TrainConfig(schedule="linear").resolved()
+
+
 def test_budgets_in_steps_tokens_epochs_and_time():
     def steps(**limits):
         return _Budget(TrainConfig(warmup_steps=0, **limits).resolved(), 1000, 10, 95).total_steps
@@ -130,10 +143,23 @@ def test_budgets_in_steps_tokens_epochs_and_time():
 
 def test_weight_decay_applies_to_matrices_only():
     model = GPT(tiny("gpt2").model_config(100))
-    decay, no_decay = make_optimizer(model, TrainConfig().resolved(), torch.device("cpu")).param_groups
+    (adamw,) = make_optimizers(model, TrainConfig().resolved(), torch.device("cpu"))
+    decay, no_decay = adamw.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon")
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(tiny("gpt2").model_config(100))
+    muon, adamw = make_optimizers(model, TrainConfig(optimizer="muon").resolved(), torch.device("cpu"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    matrices = {id(p) for p in muon.param_groups[0]["params"]}
+    assert matrices == {id(p) for b in model.blocks for p in b.parameters() if p.dim() == 2}
+    rest = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert id(model.wte.weight) in rest and not matrices & rest
+    assert len(matrices | rest) == len(list(model.parameters()))
 
 
 def test_measuring_precision_leaves_no_trace():

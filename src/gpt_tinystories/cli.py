@@ -93,14 +93,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    import numpy as np
     import torch
 
     from .checkpoint import load_model
     from .data import TokenWindows, prepare
-    from .evaluate import evaluate, gpt2_token_count
+    from .evaluate import evaluate, gpt2_tokens_scored
     from .runtime import pick_device
-    from .tokenizer import Tokenizer
 
     device = pick_device(args.device)
     model, tokenizer, meta = load_model(args.checkpoint, device)
@@ -112,9 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     windows = TokenWindows(prepared.tokens(), context, seed=None, name=f"evaluation data {args.data}")
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
     result = evaluate(model, windows, token_bytes, args.batch_size, args.max_batches, progress=not args.json)
-    count = result.tokens // context
-    targets = np.concatenate([windows.window(i)[1:] for i in range(count)])
-    result.gpt2_tokens = gpt2_token_count(tokenizer, targets, Tokenizer.gpt2())
+    result.gpt2_tokens = gpt2_tokens_scored(result, windows, tokenizer)
     report = {"checkpoint": meta["path"], "step": meta.get("step"), "data": str(args.data), "split": args.split,
               "tokenizer": tokenizer.name, **result.to_dict()}  # fmt: skip
     if args.json:
@@ -130,12 +126,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .hf import export
+    from .hf import architecture, export
 
     model, tokenizer, meta = load_model(args.checkpoint)
     out = export(model, tokenizer, args.out)
-    kind = "GPT-Neo" if model.config.local_layers or model.config.attn_scale is not None else "GPT-2"
+    kind = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "llama": "Llama"}[architecture(model.config)]
     print(f"exported {meta['path']} as a transformers {kind} model to {out}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+
+    report = compare(args.run_dirs, args.out)
+    print(f"compared {len(args.run_dirs)} runs -> {report} (plots beside it)")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -266,9 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder")
     p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT2LMHeadModel (or GPT-Neo)")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT-2, GPT-Neo or Llama")
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("compare", help="a markdown report and loss plots comparing training runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the run dirs to compare (two or more)")
+    p.add_argument("--out", default="comparison", help="folder for report.md and the plots (default: comparison)")
+    p.set_defaults(func=cmd_compare)
 
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -35,11 +36,19 @@ class ModelConfig:
     context_length: int = 512
     dropout: float = 0.0
     bias: bool = True
-    # GPT-2 by default; set otherwise to hold GPT-Neo, the architecture of the TinyStories paper's models
+    # Variants for experiments; the defaults are GPT-2.
+    position: str = "learned"  # learned | rope (rotary) | none (causal attention alone tells order)
+    rope_theta: float = 10_000.0  # rotary base frequency
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    activation: str = "gelu_tanh"  # gelu_tanh (GPT-2's "gelu_new") | gelu (exact) | relu2 (ReLU²) | swiglu
+    n_kv_head: int | None = None  # key/value heads: None = n_head (multi-head), 1 = multi-query, else grouped
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    tied_embeddings: bool = True  # the LM head is the token embedding
+    parallel_blocks: bool = False  # attention and MLP side by side on one norm (GPT-J), not one after the other
+    # GPT-Neo, the architecture of the TinyStories paper's models
     attn_scale: float | None = None  # None: 1/sqrt(head size); GPT-Neo does not scale (1.0)
     local_window: int | None = None  # how far back the local-attention layers look (GPT-Neo: 256)
     local_layers: tuple[int, ...] = ()  # the layers that attend locally (GPT-Neo: every other one)
-    activation: str = "gelu_tanh"  # gelu_tanh (GPT-2's "gelu_new") | gelu (exact)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_layers", tuple(self.local_layers))  # JSON gives a list
@@ -56,8 +65,20 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.activation not in ("gelu_tanh", "gelu"):
-            raise UserError(f"model config: activation must be gelu_tanh or gelu, got {self.activation!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"model config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.position == "rope" and self.head_size % 2:
+            raise UserError(f"model config: rotary positions need an even head size, got {self.head_size}")
+        if self.n_kv_head is not None and (
+            isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0
+            or self.n_head % self.n_kv_head
+        ):  # fmt: skip
+            raise UserError(f"model config: n_kv_head must divide n_head={self.n_head}, got {self.n_kv_head!r}")
+        if not self.rope_theta > 0:
+            raise UserError(f"model config: rope_theta must be > 0, got {self.rope_theta!r}")
         if any(not 0 <= layer < self.n_layer for layer in self.local_layers):
             raise UserError(f"model config: local_layers must be layer numbers 0..{self.n_layer - 1}")
         if self.local_layers and not (isinstance(self.local_window, int) and self.local_window > 0):
@@ -82,25 +103,46 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """4x the width; SwiGLU's two input projections get 2/3 of that (rounded up to a multiple of 8), so
+        its MLP has about the parameters and FLOPs of the others."""
+        return math.ceil(8 * self.d_model / 3 / 8) * 8 if self.activation == "swiglu" else 4 * self.d_model
+
     # Parameter counts from the shapes alone, so presets can be listed without building a model.
-    # A test checks them against the real module.
+    # A test checks them against the real module for every variant.
     def num_parameters(self, non_embedding: bool = False) -> int:
-        d, bias = self.d_model, int(self.bias)
-        layer_norm = d + bias * d
+        d, bias, hidden = self.d_model, int(self.bias), self.mlp_hidden
+        norm = d + (bias * d if self.norm == "layernorm" else 0)
+        qkv = (self.n_head + 2 * self.kv_heads) * self.head_size
+        gated = 2 if self.activation == "swiglu" else 1
         per_layer = (
-            2 * layer_norm
-            + 3 * d * d
-            + bias * 3 * d  # attention q, k, v
-            + d * d
-            + bias * d  # attention output
-            + 4 * d * d
-            + bias * 4 * d  # MLP up
-            + 4 * d * d
+            (1 if self.parallel_blocks else 2) * norm
+            + (d + bias) * qkv  # attention q, k, v
+            + (2 * self.head_size if self.qk_norm else 0)
+            + (d + bias) * d  # attention output
+            + (d + bias) * gated * hidden  # MLP up (and gate)
+            + hidden * d
             + bias * d  # MLP down
         )
-        body = self.n_layer * per_layer + layer_norm
-        embeddings = self.vocab_size * d + self.context_length * d  # LM head is tied to the token embedding
+        body = self.n_layer * per_layer + norm + (0 if self.tied_embeddings else self.vocab_size * d)
+        embeddings = self.vocab_size * d + (self.context_length * d if self.position == "learned" else 0)
         return body if non_embedding else body + embeddings
+
+
+CHOICES = {
+    "position": ("learned", "rope", "none"),
+    "norm": ("layernorm", "rmsnorm"),
+    "activation": ("gelu_tanh", "gelu", "relu2", "swiglu"),
+}
 
 
 # Training defaults per preset, and why:
@@ -119,6 +161,8 @@ TRAIN_PRESETS: dict[str, dict[str, float | int]] = {
 }
 
 PRECISIONS = ("auto", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd", "constant")
 
 
 @dataclass
@@ -138,7 +182,20 @@ class TrainConfig:
     n_layer: int | None = None
     n_head: int | None = None
     dropout: float = 0.0
-    # optimisation: AdamW, linear warmup then cosine decay to min_lr_ratio * lr
+    # model variants (see ModelConfig); None keeps GPT-2's choice
+    position: str | None = None
+    rope_theta: float | None = None
+    norm: str | None = None
+    activation: str | None = None
+    n_kv_head: int | None = None
+    qk_norm: bool | None = None
+    bias: bool | None = None
+    tied_embeddings: bool | None = None
+    parallel_blocks: bool | None = None
+    # optimisation: linear warmup, then the schedule down to min_lr_ratio * lr
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.2  # wsd: the share of the steps after warmup spent decaying, linearly
     lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None
@@ -224,14 +281,19 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if (value := getattr(self, name)) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.max_time is not None:
             parse_duration(self.max_time)
         self.model_config(vocab_size=1)  # width, heads and context checks
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        overrides = {k: getattr(self, k) for k in ("d_model", "n_layer", "n_head", "context_length", "dropout")}
+        """The preset's shape with this config's model fields (those set) on top."""
+        model_fields = {f.name for f in fields(ModelConfig)}
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name in model_fields}
         return ModelConfig.from_preset(self.preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -243,9 +305,14 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
-def load_config_file(path: str | os.PathLike) -> dict:
-    """Values from a TOML or JSON config file."""
+def load_config_file(path: str | os.PathLike, _including: tuple[Path, ...] = ()) -> dict:
+    """Values from a TOML or JSON config file, or from a run dir (or its config.json), to relaunch that run.
+
+    A file may start from another: `base = "baseline.toml"` (relative to the file) takes that file's values,
+    and the file's own values override them, so an experiment is its baseline plus the lines that differ."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -259,7 +326,16 @@ def load_config_file(path: str | os.PathLike) -> dict:
         raise UserError(f"cannot parse config file {path}: {error}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a table of key = value pairs")
-    return values
+    if isinstance(values.get("train"), dict) and isinstance(values.get("model"), dict):  # a run's config.json
+        values = values["train"]
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise UserError(f"{path}: base must be the path of another config file, got {base!r}")
+    if path.resolve() in _including:
+        raise UserError(f"{path}: config files include each other in a loop ({' -> '.join(map(str, _including))})")
+    return load_config_file(path.parent / base, (*_including, path.resolve())) | values
 
 
 def _check_type(name: str, value: object, hint: object, source: str) -> object:

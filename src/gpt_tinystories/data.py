@@ -417,8 +417,12 @@ class TokenWindows:
         start = (index - int(self.starts[array])) * self.context_length
         return self.arrays[array][start : start + self.context_length + 1]
 
-    def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, first: int, count: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""
         rows = np.stack([self.window(self.window_index(p)) for p in range(first, first + count)])
         tokens = torch.from_numpy(rows.astype(np.int64))
+        if torch.device(device).type == "cuda":  # from pinned memory the copy need not wait for the GPU's queue
+            tokens = tokens.pin_memory().to(device, non_blocking=True)
+        else:
+            tokens = tokens.to(device)
         return tokens[:, :-1], tokens[:, 1:]

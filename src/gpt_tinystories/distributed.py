@@ -30,6 +30,7 @@ class Distributed:
     rank: int
     world_size: int
     device: torch.device
+    distributed: bool = False  # launched by torchrun: a process group, DDP/FSDP, even for one process
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +39,7 @@ class Distributed:
     @classmethod
     def setup(cls, device_name: str) -> Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if "LOCAL_RANK" not in os.environ:  # a plain `python` run
             return cls(0, 1, pick_device(device_name))
         local_rank = int(os.environ["LOCAL_RANK"])
         device = pick_device("cpu" if device_name == "cpu" else device_name)
@@ -46,8 +47,11 @@ class Distributed:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world_size, device)
+            if device.type == "cuda":  # naming the device binds this rank to it (no guessing from the rank)
+                dist.init_process_group("nccl", device_id=device)
+            else:
+                dist.init_process_group("gloo")
+        return cls(dist.get_rank(), world_size, device, distributed=True)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -87,7 +91,7 @@ class Distributed:
 
     def teardown(self) -> None:
         # A barrier before destroying the group: without it gloo sometimes aborts at exit (shared/pitfalls.md).
-        if self.world_size > 1 and dist.is_initialized():
+        if self.distributed and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
@@ -113,7 +117,7 @@ class DataParallelLoss:
 
     def __init__(self, model: GPT, world: Distributed, fsdp: bool = False, compile: bool = False) -> None:
         self.model, self.world = model, world
-        self.fsdp = fsdp and world.world_size > 1
+        self.fsdp = fsdp and world.distributed
         module: nn.Module = _Loss(model)
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
@@ -121,12 +125,18 @@ class DataParallelLoss:
             for block in model.blocks:
                 fully_shard(block)
             fully_shard(module)  # the root: embeddings and final norm, gathered around each forward
-        elif world.world_size > 1:
+        elif world.distributed:
             ids = [world.device.index] if world.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         self.module = module
         self.call = torch.compile(module) if compile else module
         self.options = StateDictOptions(full_state_dict=True, cpu_offload=world.world_size > 1)
+
+    def describe(self) -> str:
+        if not self.world.distributed:
+            return ""
+        processes = f"{self.world.world_size} process{'es' if self.world.world_size > 1 else ''}"
+        return f", {'FSDP2' if self.fsdp else 'DDP'} on {processes} ({dist.get_backend()})"
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The full weights (on rank 0; other ranks get an empty dict under FSDP)."""
@@ -134,11 +144,12 @@ class DataParallelLoss:
             return self.model.state_dict()
         return get_model_state_dict(self.model, options=self.options)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        return get_optimizer_state_dict(self.model, optimizer, options=self.options)
+    def optimizer_state(self, optimizers: list[torch.optim.Optimizer]) -> dict:
+        """One state dict for all the optimizers, keyed by parameter name."""
+        return get_optimizer_state_dict(self.model, optimizers, options=self.options)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    def load_optimizer_state(self, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+        set_optimizer_state_dict(self.model, optimizers, state, options=StateDictOptions(full_state_dict=True))
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.call(inputs, targets)

@@ -64,12 +64,19 @@ def evaluate(
     nats = torch.zeros((), dtype=torch.float64, device=device)
     text_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for first in tqdm(range(0, count, batch_size), desc="eval", unit="batch", disable=None if progress else True):
-        inputs, targets = (t.to(device) for t in windows.batch(first, min(batch_size, count - first)))
+        inputs, targets = windows.batch(first, min(batch_size, count - first), device)
         with autocast or contextlib.nullcontext():
             nats += model.loss(inputs, targets, reduction="sum").double()
         text_bytes += token_bytes[targets].sum()
     model.train(was_training)
     return EvalResult(nats=nats.item(), tokens=count * windows.context_length, text_bytes=int(text_bytes.item()))
+
+
+def gpt2_tokens_scored(result: EvalResult, windows: TokenWindows, tokenizer: Tokenizer) -> int:
+    """GPT-2 tokens of the text that `result` scored: the targets of the first windows, in order."""
+    count = result.tokens // windows.context_length
+    targets = np.concatenate([windows.window(i)[1:] for i in range(count)])
+    return gpt2_token_count(tokenizer, targets, Tokenizer.gpt2())
 
 
 def gpt2_token_count(tokenizer: Tokenizer, tokens: np.ndarray, gpt2: Tokenizer) -> int:

@@ -1,4 +1,5 @@
-"""Hugging Face transformers interop: export to GPT2LMHeadModel / GPTNeoForCausalLM, import from either.
+"""Hugging Face transformers interop: export to GPT2LMHeadModel, GPTNeoForCausalLM or LlamaForCausalLM (for
+the rotary + RMSNorm + SwiGLU variant); import from GPT-2 or GPT-Neo.
 
 GPT-Neo is the architecture of the TinyStories paper's models (roneneldan/TinyStories-1M ... 33M): like GPT-2
 but without attention scaling, with every other layer attending to the last 256 positions only, and with
@@ -30,20 +31,64 @@ def _is_neo(config: ModelConfig) -> bool:
     return config.attn_scale is not None or bool(config.local_layers)
 
 
+# The variant fields, with the values that GPT-2 (and GPT-Neo) have and that Llama has.
+_GPT2_VARIANTS = {"position": "learned", "norm": "layernorm", "activation": "gelu_tanh", "n_kv_head": None,
+                  "qk_norm": False, "parallel_blocks": False, "bias": True}  # fmt: skip
+_LLAMA_VARIANTS = {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "qk_norm": False,
+                   "parallel_blocks": False, "attn_scale": None, "local_layers": ()}  # fmt: skip
+
+
+def architecture(config: ModelConfig) -> str:
+    """The transformers architecture that computes exactly this model: gpt2, gpt_neo or llama."""
+    values = config.to_dict() | {"n_kv_head": None if config.kv_heads == config.n_head else config.n_kv_head}
+    gpt2_misses = [name for name, value in _GPT2_VARIANTS.items() if values[name] != value]
+    if not gpt2_misses:
+        return "gpt_neo" if _is_neo(config) else "gpt2"
+    if all(values[name] == value for name, value in _LLAMA_VARIANTS.items()):
+        return "llama"
+    differences = ", ".join(f"{name}={values[name]!r}" for name in gpt2_misses)
+    raise UserError(
+        f"transformers has no architecture for this model ({differences}): GPT-2 needs the default variants, Llama "
+        "needs position=rope, norm=rmsnorm, activation=swiglu, without qk_norm or parallel_blocks"
+    )
+
+
 def to_transformers(model: GPT):
-    """The same network as a transformers model: GPT2LMHeadModel, or GPTNeoForCausalLM for GPT-Neo configs."""
+    """The same network as a transformers model: GPT2LMHeadModel, GPTNeoForCausalLM or LlamaForCausalLM."""
     import transformers
 
     config = model.config
-    if config.activation != "gelu_tanh" or not config.bias:
-        raise UserError("only models with biases and tanh-GELU export to transformers' GPT-2 or GPT-Neo")
+    kind = architecture(config)
+    if kind == "llama":
+        hf_config = transformers.LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.d_model,
+            intermediate_size=config.mlp_hidden,
+            num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head,
+            num_key_value_heads=config.kv_heads,
+            head_dim=config.head_size,
+            max_position_embeddings=config.context_length,
+            rms_norm_eps=1e-5,
+            rope_theta=config.rope_theta,
+            attention_bias=config.bias,
+            mlp_bias=config.bias,
+            tie_word_embeddings=config.tied_embeddings,
+            attention_dropout=config.dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        hf = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa")
+        return _load(hf, _llama_state(model), model)
     state: dict[str, torch.Tensor] = {
         "transformer.wte.weight": model.wte.weight,
         "transformer.wpe.weight": model.wpe.weight,
         "transformer.ln_f.weight": model.ln_f.weight,
         "transformer.ln_f.bias": model.ln_f.bias,
     }
-    if _is_neo(config):
+    if model.lm_head is not None:
+        state["lm_head.weight"] = model.lm_head.weight
+    if kind == "gpt_neo":
         if config.attn_scale != 1.0:
             raise UserError(f"attention scale {config.attn_scale} exists in neither GPT-2 nor GPT-Neo; cannot export")
         if any(bool(block.attn.qkv.bias.detach().any()) for block in model.blocks):
@@ -55,12 +100,13 @@ def to_transformers(model: GPT):
             hidden_size=config.d_model,
             num_layers=config.n_layer,
             num_heads=config.n_head,
-            attention_types=[[[kind], 1] for kind in layers],
+            attention_types=[[[layer], 1] for layer in layers],
             window_size=config.local_window or 256,
             activation_function="gelu_new",
             resid_dropout=config.dropout,
             embed_dropout=config.dropout,
             attention_dropout=config.dropout,
+            tie_word_embeddings=config.tied_embeddings,
             bos_token_id=None,
             eos_token_id=None,
         )
@@ -88,6 +134,7 @@ def to_transformers(model: GPT):
             resid_pdrop=config.dropout,
             embd_pdrop=config.dropout,
             attn_pdrop=config.dropout,
+            tie_word_embeddings=config.tied_embeddings,
             bos_token_id=None,
             eos_token_id=None,
         )
@@ -102,12 +149,43 @@ def to_transformers(model: GPT):
                 prefix + "attn.c_proj.bias": block.attn.proj.bias,
             }
             state |= _norms_and_mlp(prefix, block, transpose=True)
+    return _load(hf, state, model)
+
+
+def _load(hf, state: dict[str, torch.Tensor], model: GPT):
     with torch.no_grad():
         missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    tied = {"lm_head.weight"} if model.config.tied_embeddings else set()
+    if unexpected or set(missing) - tied:
         raise RuntimeError(f"weight mapping out of date: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
     return hf.to(model.wte.weight.device).eval()
+
+
+def _llama_state(model: GPT) -> dict[str, torch.Tensor]:
+    config = model.config
+    state = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.ln_f.weight}
+    if model.lm_head is not None:
+        state["lm_head.weight"] = model.lm_head.weight
+    kv = config.kv_heads * config.head_size
+    for i, block in enumerate(model.blocks):
+        prefix, attn, mlp = f"model.layers.{i}.", block.attn, block.mlp
+        linears = {
+            "self_attn.q_proj": (attn.qkv, 0, config.d_model),
+            "self_attn.k_proj": (attn.qkv, config.d_model, config.d_model + kv),
+            "self_attn.v_proj": (attn.qkv, config.d_model + kv, config.d_model + 2 * kv),
+            "self_attn.o_proj": (attn.proj, 0, config.d_model),
+            "mlp.gate_proj": (mlp.up, 0, config.mlp_hidden),  # our `up` holds gate, then value
+            "mlp.up_proj": (mlp.up, config.mlp_hidden, 2 * config.mlp_hidden),
+            "mlp.down_proj": (mlp.down, 0, config.d_model),
+        }
+        for name, (linear, start, end) in linears.items():
+            state[f"{prefix}{name}.weight"] = linear.weight[start:end]
+            if linear.bias is not None:
+                state[f"{prefix}{name}.bias"] = linear.bias[start:end]
+        state[prefix + "input_layernorm.weight"] = block.ln_1.weight
+        state[prefix + "post_attention_layernorm.weight"] = block.ln_2.weight
+    return state
 
 
 def _norms_and_mlp(prefix: str, block: torch.nn.Module, transpose: bool) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ class RunLog:
             # Keep what led up to the checkpoint; steps after it will be trained (and logged) again.
             old = [_parse(line) for line in path.read_text(errors="replace").splitlines() if line.strip()]
             self.records = [r for r in old if r is not None and r["step"] <= resume_step]
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.metrics = open(path, "a")  # noqa: SIM115 - closed in close()
         self.log_file = open(run_dir / LOG, "a")  # noqa: SIM115 - closed in close()
         self.wandb = _start_wandb(run_dir, wandb_config) if wandb_config is not None else None
@@ -62,11 +62,7 @@ class RunLog:
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        tmp = self.run_dir / f".{PLOT}.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.run_dir / PLOT)
+        save_figure(fig, self.run_dir / PLOT)
 
     def close(self) -> None:
         self.metrics.close()
@@ -95,7 +91,18 @@ def _parse(line: str) -> dict | None:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure under a temporary name, then rename it into place, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
     os.replace(tmp, path)

@@ -1,8 +1,10 @@
-"""A GPT-2 language model, small enough to read top to bottom.
+"""A GPT-2 language model, small enough to read top to bottom, with the usual variants as named pieces.
 
-Pre-LayerNorm transformer blocks, learned position embeddings, a GELU MLP of 4x the width, and an LM head
-tied to the token embedding. Attention goes through PyTorch's fused scaled_dot_product_attention, reading
-past keys and values from a preallocated KV cache when decoding.
+By default: pre-LayerNorm transformer blocks, learned position embeddings, a GELU MLP of 4x the width, and an
+LM head tied to the token embedding. Attention goes through PyTorch's fused scaled_dot_product_attention,
+reading past keys and values from a preallocated KV cache when decoding. Each variant is one ModelConfig field
+(see config.py): rotary or no positions, RMSNorm, SwiGLU or ReLU² MLPs, grouped-query attention, QK-norm, an
+untied head, parallel attention + MLP blocks.
 """
 
 from __future__ import annotations
@@ -16,24 +18,61 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+def make_norm(config: ModelConfig, size: int | None = None) -> nn.Module:
+    size = size or config.d_model
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=1e-5)
+    return nn.LayerNorm(size, bias=config.bias)
+
+
+def rotary_tables(positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype) -> tuple:
+    """cos and sin of each position's rotation angles (RoPE, Su et al. 2021), in the rotate-half layout of
+    transformers' Llama so that weights move between the two unchanged. `positions`: (time) or (batch, time)."""
+    inverse_frequencies = theta ** -(torch.arange(0, head_size, 2, device=positions.device).float() / head_size)
+    angles = positions[..., None].float() * inverse_frequencies
+    angles = torch.cat([angles, angles], dim=-1)
+    if angles.dim() == 3:  # per-row positions (left-padded batch): broadcast over heads
+        angles = angles[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.dropout = config.dropout
         self.scale = config.attn_scale
         self.window = config.local_window if layer in config.local_layers else None
-        # One matmul for q, k and v: fewer, larger kernels matter for tiny models.
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        # One matmul for q, k and v: fewer, larger kernels matter for tiny models. With grouped-query
+        # attention k and v have fewer heads, each shared by n_head / n_kv_head query heads.
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        # QK-norm: RMS-normalised queries and keys keep attention logits bounded at high learning rates.
+        self.q_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
+    ) -> torch.Tensor:
         batch, time, width = x.shape
-        q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        sizes = [self.n_head * self.head_size, self.n_kv_head * self.head_size, self.n_kv_head * self.head_size]
+        q, k, v = (t.view(batch, time, -1, self.head_size).transpose(1, 2) for t in self.qkv(x).split(sizes, dim=-1))
+        if self.q_norm is not None:  # in fp32, as the norms' weights (autocast leaves RMSNorm alone)
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(layer, k, v)
             mask, causal = cache.mask, cache.causal
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.window is not None and k.shape[2] > self.window:
             mask, causal = _local(mask, q.shape[2], k.shape[2], self.window, q.device), False
         dropout = self.dropout if self.training else 0.0
@@ -55,26 +94,42 @@ def _local(mask: torch.Tensor | None, queries: int, keys: int, window: int, devi
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
-        self.up = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
-        self.down = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.activation = config.activation
+        hidden = config.mlp_hidden
+        # SwiGLU's gate and value projections are one matmul (halves of `up`), as q, k and v are above.
+        gated = 2 if self.activation == "swiglu" else 1
+        self.up = nn.Linear(config.d_model, gated * hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 used the tanh approximation of GELU; keep it so exported weights behave identically.
-        return self.down(F.gelu(self.up(x), approximate=self.approximate))
+        h = self.up(x)
+        if self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:  # GPT-2 used the tanh approximation of GELU; keep it so exported weights behave identically.
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.down(h)
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.parallel = config.parallel_blocks
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln_2 = None if self.parallel else make_norm(config)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), cache, layer))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
+    ) -> torch.Tensor:
+        h = self.ln_1(x)
+        if self.parallel:  # GPT-J / PaLM: attention and MLP read the same normalised input
+            return x + self.drop(self.attn(h, cache, layer, rotary)) + self.drop(self.mlp(h))
+        x = x + self.drop(self.attn(h, cache, layer, rotary))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -83,10 +138,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.context_length, config.d_model)
+        self.wpe = nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln_f = make_norm(config)
+        self.lm_head = None if config.tied_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two residual branches, so shrink their output projections
         # by 1/sqrt(2 * n_layer) to keep the residual stream's variance independent of depth.
@@ -101,9 +157,16 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head: the token embedding itself unless the config unties them."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
     def num_parameters(self, non_embedding: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())  # the tied LM head is counted once
-        return total - self.wte.weight.numel() - self.wpe.weight.numel() if non_embedding else total
+        total = sum(p.numel() for p in self.parameters())  # a tied LM head is counted once
+        if not non_embedding:
+            return total
+        return total - self.wte.weight.numel() - (self.wpe.weight.numel() if self.wpe is not None else 0)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final (normalized) hidden state at every position of `idx` (batch, time).
@@ -114,16 +177,23 @@ class GPT(nn.Module):
         if start + time > self.config.context_length:
             raise ValueError(f"sequence of {start + time} tokens exceeds context_length={self.config.context_length}")
         positions = torch.arange(time, device=idx.device) if cache is None else cache.begin(time)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        rotary = None
+        if self.config.position == "rope":
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            rotary = rotary_tables(positions, self.config.head_size, self.config.rope_theta, dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rotary)
         if cache is not None:
             cache.length += time
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Next-token logits (batch, time, vocab); the LM head is the token embedding."""
-        return F.linear(self.hidden_states(idx, cache), self.wte.weight)
+        """Next-token logits (batch, time, vocab)."""
+        return F.linear(self.hidden_states(idx, cache), self.head_weight)
 
     def new_cache(self, batch_size: int, capacity: int, pad: torch.Tensor | None = None) -> KVCache:
         weight = self.wte.weight
@@ -132,7 +202,7 @@ class GPT(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the next-token predictions, without materialising the logits (see below)."""
         hidden = self.hidden_states(idx)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.wte.weight, targets.flatten(), reduction)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.head_weight, targets.flatten(), reduction)
 
 
 class KVCache:
@@ -142,7 +212,7 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, pad: torch.Tensor | None = None,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
-        shape = (config.n_layer, batch_size, config.n_head, capacity, config.d_model // config.n_head)
+        shape = (config.n_layer, batch_size, config.kv_heads, capacity, config.head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity, self.length = capacity, 0

@@ -25,11 +25,11 @@ from .config import ModelConfig, TrainConfig, parse_duration
 from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
 from .distributed import DataParallelLoss, Distributed
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, gpt2_tokens_scored
 from .generate import Sampling, generate
-from .metrics import LOG, METRICS, PLOT, RunLog
+from .metrics import LOG, METRICS, PLOT, RunLog, write_text_atomic
 from .model import GPT
-from .runtime import autocast_for, keep_freed_memory
+from .runtime import autocast_for, keep_freed_memory, peak_memory_mb
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 SAMPLE_PROMPT = "One day, a little girl named Lily found a needle in her room."
@@ -90,21 +90,43 @@ def choose_precision(requested: str, device: torch.device, model: GPT, batch: tu
     return "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
 
 
-def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Decay matrices and embeddings only: decaying biases and LayerNorm gains only hurts.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizers(model: GPT, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW; or Muon for the blocks' weight matrices and AdamW for embeddings, head, norms and biases."""
+    matrices = [p for block in model.blocks for p in block.parameters() if p.dim() == 2]
+    if config.optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise UserError(f"optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks; upgrade")
+        # Moonshot's learning-rate adjustment matches AdamW's update size, so lr and weight decay carry over.
+        muon = torch.optim.Muon(matrices, lr=config.lr, weight_decay=config.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")  # fmt: skip
+        taken = {id(p) for p in matrices}
+        rest = [p for p in model.parameters() if id(p) not in taken]
+        return [muon, _adamw(rest, config, device)]
+    return [_adamw(list(model.parameters()), config, device)]
+
+
+def _adamw(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Decay matrices and embeddings only: decaying biases and norm gains only hurts.
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **fused)
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio * lr as `progress` goes 0 -> 1."""
+    """Linear warmup over warmup_steps, then the schedule as `progress` goes 0 -> 1: cosine decay to
+    min_lr_ratio * lr, constant, or warmup-stable-decay (constant, then linear decay over decay_fraction)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    progress, floor = min(max(progress, 0.0), 1.0), config.lr * config.min_lr_ratio
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "wsd":
+        decayed = max(0.0, progress - (1 - config.decay_fraction)) / config.decay_fraction
+        return config.lr - (config.lr - floor) * decayed
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -260,10 +282,12 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         measured = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
         precision = world.broadcast(measured)  # every rank must compute alike
     autocast = autocast_for(device, precision)
+    if config.optimizer == "muon" and config.fsdp and world.distributed:
+        raise UserError("--optimizer muon orthogonalises whole matrices, which FSDP shards; use DDP (drop --fsdp)")
     loss_fn = DataParallelLoss(model, world, fsdp=config.fsdp, compile=config.compile)  # shards under FSDP
-    optimizer = make_optimizer(model, config, device)
+    optimizers = make_optimizers(model, config, device)
     if state is not None:
-        loss_fn.load_optimizer_state(optimizer, state["optimizer"])
+        loss_fn.load_optimizer_state(optimizers, state["optimizer"])
     eval_model = GPT(model_config).to(device) if loss_fn.fsdp and world.is_main else model
 
     # Only now touch the run dir, and only from rank 0.
@@ -278,7 +302,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
             "tokens_per_step": tokens_per_step,
             "total_steps": budget.total_steps,
         }
-        _write_json(run_dir / "config.json", resolved)
+        write_text_atomic(run_dir / "config.json", json.dumps(resolved, indent=2))
         log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
     else:
         log = _Silent()
@@ -313,10 +337,15 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
             best_val = val_loss
             checkpoint.save(root / "best", weights, {**ckpt_meta, "best_val_loss": val_loss}, None, files)
 
+    val_gpt2_tokens: list[int] = []
+
     def evaluate_and_sample(weights: dict) -> tuple[float, float, str]:
         if eval_model is not model:  # FSDP: rank 0 evaluates a gathered copy
             eval_model.load_state_dict(weights)
         result = evaluate(eval_model, val_windows, token_bytes, config.batch_size, config.eval_batches, autocast)
+        if not val_gpt2_tokens:  # the same windows every time: count their text's GPT-2 tokens once
+            val_gpt2_tokens.append(gpt2_tokens_scored(result, val_windows, tokenizer))
+        result.gpt2_tokens = val_gpt2_tokens[0]
         generator = torch.Generator(device).manual_seed(config.seed)  # sampling leaves the run's RNG alone
         with autocast:
             (story,) = generate(eval_model, [prompt], config.sample_tokens, Sampling(0.8, top_k=50), tokenizer.eos_id,
@@ -329,6 +358,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                 "tokens": step * tokens_per_step,
                 "val_loss": result.loss,
                 "val_bpb": result.bits_per_byte,
+                "val_nats_per_gpt2_token": result.nats_per_gpt2_token,
+                "seconds": train_seconds,
                 "sample": text,
             }
         )
@@ -341,7 +372,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         if not (evaluating or checkpointing):
             return last
         weights = loss_fn.model_state()
-        optimizer_state = loss_fn.optimizer_state(optimizer) if checkpointing else None
+        optimizer_state = loss_fn.optimizer_state(optimizers) if checkpointing else None
         if not world.is_main:
             return last
         results = evaluate_and_sample(weights) if evaluating else last
@@ -355,7 +386,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     log.print(
         f"{verb} {step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
         f"{model.num_parameters(True):,} non-embedding), tokenizer {tokenizer.name} ({tokenizer.vocab_size}), "
-        f"{device} {precision}, "
+        f"{device} {precision}{loss_fn.describe()}, "
         f"{tokens_per_step:,} tokens/step ({config.batch_size}x{context} x {accumulation} accumulation), "
         f"{len(train_windows):,} training windows, budget {budget.total_steps or '-'} steps"
         f"{f' / {config.max_time}' if config.max_time else ''} -> {run_dir}"
@@ -370,14 +401,13 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         while not world.any(budget.done(step, train_seconds) or bool(stop_signal)):
             step_start = time.perf_counter()
             lr = learning_rate(config, step, budget.progress(step, train_seconds))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(accumulation):
                 first = ((step * accumulation + micro) * world_size + rank) * config.batch_size
-                inputs, targets = (
-                    t.to(device, non_blocking=True) for t in train_windows.batch(first, config.batch_size)
-                )
+                inputs, targets = train_windows.batch(first, config.batch_size, device)
                 with loss_fn.sync(last_micro_step=micro == accumulation - 1):
                     with autocast:
                         loss = loss_fn(inputs, targets)
@@ -388,9 +418,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
             # (its batch is used up), so batches stay a pure function of (seed, step) and a resumed run skips
             # exactly the same steps.
             bad = world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm.item())))
-            if not bad:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                if not bad:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             skipped, bad_in_a_row = skipped + bad, bad_in_a_row + 1 if bad else 0
             train_seconds += time.perf_counter() - step_start
@@ -412,6 +443,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                         "tokens_per_second": speed,
                         "epoch": step * windows_per_step / len(train_windows),
                         "seconds": train_seconds,
+                        "peak_memory_mb": peak_memory_mb(device),
                     }
                 )
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
@@ -474,9 +506,3 @@ def _catch_signals(stop: list[int]) -> dict:
 def _restore_signals(previous: dict) -> None:
     for signum, handler in previous.items():
         signal.signal(signum, handler)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

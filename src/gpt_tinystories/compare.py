@@ -1,0 +1,135 @@
+"""Side-by-side comparison of training runs: a markdown report and validation-loss plots.
+
+`compare(run_dirs, out)` reads what each run dir already holds (config.json, metrics.jsonl) and writes
+`report.md` with `val_loss_tokens.png` and `val_loss_time.png` into `out`. Nothing is recomputed, so runs made
+on different machines compare as they were measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import UserError
+from .metrics import save_figure, write_text_atomic
+
+REPORT, BY_TOKENS, BY_TIME = "report.md", "val_loss_tokens.png", "val_loss_time.png"
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    settings: dict  # the resolved train config, with the model's fields (model: prefix) and the precision
+    parameters: int
+    evals: list[dict]
+    last_train: dict | None
+
+    @property
+    def final(self) -> dict | None:
+        return self.evals[-1] if self.evals else None
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    path = Path(path)
+    config_file, metrics_file = path / "config.json", path / "metrics.jsonl"
+    if not config_file.is_file() or not metrics_file.is_file():
+        raise UserError(f"{path} is not a run dir (no config.json and metrics.jsonl); pass the --out of a train run")
+    try:
+        config = json.loads(config_file.read_text())
+        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        model = ModelConfig.from_dict(config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: cannot read config.json or metrics.jsonl ({error}); is the run dir intact?") from None
+    # The model as built, not the train config's overrides of it (None there means "the preset's").
+    model_fields = set(config["model"])
+    settings = {k: v for k, v in config["train"].items() if k not in model_fields}
+    settings |= {f"model:{k}": v for k, v in config["model"].items()}
+    settings["precision (measured)"] = config.get("precision")
+    trains = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    return Run(path.name, path, settings, model.num_parameters(), evals, trains[-1] if trains else None)
+
+
+def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write the report and plots for `run_dirs` into `out`; return the report's path."""
+    if len(run_dirs) < 2:
+        raise UserError("compare needs at least two run dirs")
+    runs = [load_run(path) for path in run_dirs]
+    names = [run.name for run in runs]
+    for run in runs:  # two runs named alike (a/seed1, b/seed1): name them by their parent too
+        if names.count(run.name) > 1:
+            run.name = f"{run.path.parent.name}/{run.path.name}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(runs, "tokens", 1e6, "tokens (millions)", out / BY_TOKENS)
+    _plot(runs, "seconds", 60, "training time (minutes)", out / BY_TIME)
+    report = out / REPORT
+    write_text_atomic(report, render(runs))
+    return report
+
+
+def render(runs: list[Run]) -> str:
+    lines = [
+        f"# Comparison of {len(runs)} runs",
+        "",
+        "Final validation figures are those of each run's last evaluation (on its own validation windows: "
+        "compare runs evaluated on the same data). Tokens/s is the run's average over its training time; peak "
+        "memory is the process's peak resident set on a CPU, or peak allocated GPU memory.",
+        "",
+        "| run | parameters | tokens | val loss (nats/token) | bits/byte | nats/GPT-2 token | tokens/s | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        final, train = run.final or {}, run.last_train or {}
+        speed = train["tokens"] / train["seconds"] if train.get("seconds") else None
+        cells = [
+            f"`{run.name}`",
+            f"{run.parameters:,}",
+            f"{final['tokens']:,}" if final else "no evaluation",
+            _number(final.get("val_loss"), ".4f"),
+            _number(final.get("val_bpb"), ".4f"),
+            _number(final.get("val_nats_per_gpt2_token"), ".4f"),
+            _number(speed, ",.0f"),
+            _number(train.get("peak_memory_mb"), ",.0f", " MB"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    best = min((r for r in runs if r.final), key=lambda r: r.final["val_bpb"], default=None)
+    if best is not None:
+        lines += ["", f"Lowest bits per byte: **`{best.name}`**."]
+    keys = [k for k in runs[0].settings if len({json.dumps(r.settings.get(k)) for r in runs}) > 1]
+    keys += sorted({k for r in runs for k in r.settings} - set(runs[0].settings))
+    lines += ["", "## Settings that differ", ""]
+    if keys:
+        lines += ["| setting | " + " | ".join(f"`{r.name}`" for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+        for key in keys:
+            lines.append(f"| **{key}** | " + " | ".join(f"`{r.settings.get(key)!r}`" for r in runs) + " |")
+    else:
+        lines.append("None: the runs share every setting.")
+    lines += ["", "## Validation loss", "", f"![by tokens]({BY_TOKENS})", "", f"![by time]({BY_TIME})", ""]
+    return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def _plot(runs: list[Run], x_key: str, scale: float, label: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for run in runs:
+        points = [(r[x_key] / scale, r["val_loss"]) for r in run.evals if r.get(x_key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", ms=3, label=run.name)
+    ax.set_xlabel(label)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
