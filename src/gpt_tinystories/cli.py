@@ -106,6 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if context > model.config.context_length:
         raise UserError(f"--context-length {context} exceeds the model's {model.config.context_length}")
     prepared = prepare(args.data, tokenizer, split=args.split, progress=not args.json)
+    prepared.check_tokenizer(tokenizer)  # data prepared with another tokenizer would be scored as garbage
     windows = TokenWindows(prepared.tokens(), context, seed=None, name=f"evaluation data {args.data}")
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
     result = evaluate(model, windows, token_bytes, args.batch_size, args.max_batches, progress=not args.json)
@@ -337,10 +338,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"gpt-tinystories: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, no permission, a path through a file: the machine's, not ours
+        if args.debug:
+            raise
+        print(f"gpt-tinystories: error: {_describe_os_error(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gpt-tinystories: interrupted", file=sys.stderr)
         return 130
     return code or 0
+
+
+def _describe_os_error(error: OSError) -> str:
+    import errno
+
+    where = f"{error.filename}: " if error.filename else ""
+    what = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        fix = "free some disk space (or raise the file size limit) or write elsewhere, then run the command again"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a location you can write to, or fix its permissions"
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST):
+        fix = "a file stands where a folder is needed: choose another path"
+    else:
+        fix = "check that the location exists, is writable and has free space"
+    return f"{where}{what}; {fix}"
 
 
 def _describe(default: object) -> str:

@@ -217,6 +217,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int | None = None  # default: at every evaluation
     keep_last: int = 2
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (each skipped)
     # machine
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -231,7 +232,7 @@ class TrainConfig:
     RESUMABLE_CHANGES = frozenset(
         {"max_steps", "max_tokens", "max_epochs", "max_time", "eval_every", "eval_batches", "log_every",
          "checkpoint_every", "keep_last", "device", "compile", "fsdp", "threads", "wandb", "wandb_project",
-         "sample_tokens"}
+         "sample_tokens", "max_bad_steps"}
     )  # fmt: skip
 
     @classmethod
@@ -266,7 +267,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ("lr", "batch_size", "tokens_per_step", "eval_every", "eval_batches", "log_every", "keep_last",
-                    "max_steps", "max_tokens", "max_epochs", "checkpoint_every", "threads")  # fmt: skip
+                    "max_steps", "max_tokens", "max_epochs", "checkpoint_every", "threads",
+                    "max_bad_steps")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:

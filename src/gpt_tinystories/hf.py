@@ -10,14 +10,17 @@ this module is imported only when asked for.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .config import ModelConfig
 from .data import hub_reachable
-from .errors import UserError
+from .errors import UserError, write_error
 from .model import GPT
 from .tokenizer import EOS, Tokenizer
 
@@ -303,7 +306,13 @@ def load_pretrained(name: str | os.PathLike) -> tuple[GPT, Tokenizer, dict]:
         )
     _check_shapes(Path(name) / "model.safetensors", hf_config)
     try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        # weights_only: a pytorch_model.bin is unpickled with tensors-only rules, never as arbitrary objects
+        # (torch warns on the way about a pickle protocol its own files never use: the error below says it)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"the weights of {name} hold objects other than tensors; refusing to unpickle them") from None
     except (OSError, ValueError, RuntimeError) as error:
         lines = str(error).splitlines()
         detail = next((line.strip() for line in lines if "size mismatch" in line or "shape" in line), lines[0])
@@ -346,6 +355,8 @@ def export(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
     import transformers
 
     out = Path(out)
+    if out.is_symlink():  # the rename below would replace the link, or write where it points
+        raise UserError(f"--out {out} is a symlink (to {out.resolve()}); pass a real folder path")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose another --out")
     hf = to_transformers(model)
@@ -365,8 +376,15 @@ def export(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
     )
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
-    hf_tokenizer.save_pretrained(tmp)
+    transformers.utils.logging.disable_progress_bar()  # its bars on stderr would bury our one-line messages
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer.save_pretrained(tmp)
+    except BaseException as error:  # e.g. disk full: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, SafetensorError):  # how safetensors reports a failed write
+            raise write_error(error, out) from error
+        raise
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

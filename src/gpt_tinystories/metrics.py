@@ -22,8 +22,8 @@ class RunLog:
         path = run_dir / METRICS
         if resume_step is not None and path.is_file():
             # Keep what led up to the checkpoint; steps after it will be trained (and logged) again.
-            old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in old if r["step"] <= resume_step]
+            old = [_parse(line) for line in path.read_text(errors="replace").splitlines() if line.strip()]
+            self.records = [r for r in old if r is not None and r["step"] <= resume_step]
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.metrics = open(path, "a")  # noqa: SIM115 - closed in close()
         self.log_file = open(run_dir / LOG, "a")  # noqa: SIM115 - closed in close()
@@ -81,6 +81,14 @@ def _start_wandb(run_dir: Path, config: dict):
     id_file.write_text(run_id)
     return wandb.init(project=config.get("wandb_project"), config=config, dir=str(run_dir), id=run_id,
                       resume="allow", name=run_dir.name)  # fmt: skip
+
+
+def _parse(line: str) -> dict | None:
+    """A record, or None for the line a crash cut off mid-write (records are appended, not replaced)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

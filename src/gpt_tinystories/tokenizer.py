@@ -56,7 +56,17 @@ class Tokenizer:
             initial_alphabet=alphabet,
             show_progress=show_progress,
         )
-        backend.train_from_iterator(texts, trainer=trainer)
+        seen = 0
+
+        def counted() -> Iterable[str]:
+            nonlocal seen
+            for text in texts:
+                seen += 1
+                yield text
+
+        backend.train_from_iterator(counted(), trainer=trainer)
+        if not seen:  # the trainer would happily return the bare byte alphabet
+            raise UserError("no stories to train the tokenizer on; is the data empty? pass a file with stories")
         return cls(backend, f"bpe-{vocab_size}")
 
     @classmethod

@@ -27,7 +27,7 @@ from .distributed import DataParallelLoss, Distributed
 from .errors import UserError
 from .evaluate import evaluate, gpt2_tokens_scored
 from .generate import Sampling, generate
-from .metrics import RunLog, write_text_atomic
+from .metrics import LOG, METRICS, PLOT, RunLog, write_text_atomic
 from .model import GPT
 from .runtime import autocast_for, keep_freed_memory, peak_memory_mb
 from .tokenizer import TOKENIZER_FILE, Tokenizer
@@ -162,6 +162,7 @@ def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> Path | No
     """The checkpoint to resume from, if any; refuses a run dir that holds a run of other settings."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; choose a folder for the run")
+    _refuse_escapes(run_dir)
     latest = checkpoint.latest(run_dir)
     if latest is None:
         if resume:
@@ -180,6 +181,23 @@ def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> Path | No
             "new run, or the same settings to resume this one"
         )
     return latest
+
+
+RUN_DIR_OUTPUTS = ("config.json", TOKENIZER_FILE, METRICS, LOG, PLOT, "wandb-id.txt", "wandb", checkpoint.CHECKPOINTS)
+
+
+def _refuse_escapes(run_dir: Path) -> None:
+    """A symlink among the run dir's outputs would make training write (and prune) outside it: refuse it."""
+    root = run_dir.resolve()
+    paths = [run_dir / name for name in RUN_DIR_OUTPUTS]
+    if (run_dir / checkpoint.CHECKPOINTS).is_dir():
+        paths += sorted((run_dir / checkpoint.CHECKPOINTS).iterdir())
+    for path in paths:
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise UserError(
+                f"{path} is a symlink to {path.resolve()}, outside the run dir {run_dir}; training would write "
+                "there: remove the link or choose another --out"
+            )
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -249,6 +267,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
     step, train_seconds, best_val, state = 0, 0.0, math.inf, None
+    skipped = bad_in_a_row = 0  # steps skipped for a non-finite loss or gradient: in all, and the current streak
     if meta is not None:
         checkpoint.load_weights(resume_from, model)
         state = checkpoint.load_trainer_state(resume_from)
@@ -256,6 +275,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         if "cuda" in state:
             torch.cuda.set_rng_state_all(state["cuda"])
         step, train_seconds = meta["step"], meta["train_seconds"]
+        skipped, bad_in_a_row = meta.get("skipped_steps", 0), meta.get("bad_steps_in_a_row", 0)
         best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
         precision = meta["precision"]
     else:
@@ -297,6 +317,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
             "step": step,
             "tokens": step * tokens_per_step,
             "train_seconds": train_seconds,
+            "skipped_steps": skipped,
+            "bad_steps_in_a_row": bad_in_a_row,
             "val_loss": val_loss,
             "best_val_loss": best if math.isfinite(best) else None,
             "precision": precision,
@@ -392,12 +414,20 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                     (loss / accumulation).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+            # A non-finite loss or gradient on any rank skips the update on all of them. The step still counts
+            # (its batch is used up), so batches stay a pure function of (seed, step) and a resumed run skips
+            # exactly the same steps.
+            bad = world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm.item())))
             for optimizer in optimizers:
-                optimizer.step()
+                if not bad:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
+            skipped, bad_in_a_row = skipped + bad, bad_in_a_row + 1 if bad else 0
             train_seconds += time.perf_counter() - step_start
             bar.update()
+            if bad:
+                log.print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
             if step % config.log_every == 0 or step == 1:
                 loss_value = world.mean(loss_sum).item() / accumulation
                 speed = (step - session_step) * tokens_per_step / (time.perf_counter() - session_start)
@@ -409,6 +439,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                         "loss": loss_value,
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
+                        "skipped_steps": skipped,
                         "tokens_per_second": speed,
                         "epoch": step * windows_per_step / len(train_windows),
                         "seconds": train_seconds,
@@ -418,10 +449,19 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
                 if bar.disable:
                     log.print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:,.0f} tokens/s")
+            if bad_in_a_row >= config.max_bad_steps:
+                kept = run_dir / checkpoint.CHECKPOINTS / f"step-{last_saved:06d}" if last_saved >= 0 else None
+                raise UserError(
+                    f"training stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                    f"gradient (max_bad_steps {config.max_bad_steps}); the last good checkpoint is "
+                    f"{kept or 'none: none was written'}; lower lr or use precision fp32 and train again "
+                    "(--init-from that checkpoint keeps its weights)"
+                )
             evaluating = step % config.eval_every == 0
             checkpointing = (config.checkpoint_every and step % config.checkpoint_every == 0) or (
                 evaluating and not config.checkpoint_every
             )
+            checkpointing = checkpointing and not bad_in_a_row  # keep the last good checkpoint the newest
             val_loss, val_bpb, story = report(evaluating, checkpointing, val_loss, val_bpb, story)
             last_eval, last_saved = (step if evaluating else last_eval), (step if checkpointing else last_saved)
         # the final model is always evaluated (unless interrupted) and saved
