@@ -84,6 +84,7 @@ CASES = [
     (["generate", "--checkpoint", "{root}/other-tokenizer-ckpt"], "is not the tokenizer this checkpoint", None),
     (["generate", "--checkpoint", "{root}/damaged-run"], "every checkpoint in", None),
     (["generate", "--checkpoint", "{root}/truncated-meta-ckpt"], "metadata", None),
+    (["generate", "--checkpoint", "{root}/run", "--prompt", "la " * 600], "--truncate-prompt to keep its last", None),
     # export
     (["export", "--checkpoint", "{root}/run", "--out", "{root}/run"], "exists and is not empty", None),
     (["export", "--checkpoint", "{root}/corrupt-ckpt", "--out", "{root}/hf"], "is damaged", None),

@@ -51,6 +51,9 @@ def test_generate_samples_beams_and_long_prompts(run_dir):
                          "--max-new-tokens", "8")  # fmt: skip
     assert code == 0 and out.startswith("Tom"), err
     code, out, err = cli("generate", "--checkpoint", run_dir, "--prompt", "la " * 100, "--max-new-tokens", "3")
+    assert code == 2 and "more than the model's context of 64" in err and "--truncate-prompt" in err and not out
+    code, out, err = cli("generate", "--checkpoint", run_dir, "--prompt", "la " * 100, "--max-new-tokens", "3",
+                         "--truncate-prompt")  # fmt: skip
     assert code == 0 and "keeping its last 64" in err
 
 

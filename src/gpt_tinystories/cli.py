@@ -70,6 +70,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     teller = load(args.checkpoint, args.device, args.dtype)
     context = teller.model.config.context_length
     prompt_tokens = len(teller.encode_prompt(args.prompt))
+    if prompt_tokens > context and not args.truncate_prompt:
+        raise UserError(f"the prompt has {prompt_tokens} tokens, more than the model's context of {context}; "
+                        "shorten it, or pass --truncate-prompt to keep its last tokens")  # fmt: skip
     if prompt_tokens > context:
         print(f"note: the prompt has {prompt_tokens} tokens; keeping its last {context} (the model's context)",
               file=sys.stderr)  # fmt: skip
@@ -273,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="make sampling reproducible")
     p.add_argument("--num-samples", type=_positive_int, default=1)
     p.add_argument("--beams", type=_positive_int, help="beam search with this many beams (the paper used 5)")
+    p.add_argument("--truncate-prompt", action="store_true", help="keep the last tokens of an over-long prompt")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
