@@ -66,10 +66,8 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(
-                    f"model config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
+            if (value := getattr(self, name)) not in allowed:
+                raise UserError(f"model config: {name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.position == "rope" and self.head_size % 2:
             raise UserError(f"model config: rotary positions need an even head size, got {self.head_size}")
         if self.n_kv_head is not None and (
