@@ -47,6 +47,9 @@ def test_overrides_and_round_trip():
         (lambda: ModelConfig(vocab_size=100, dropout=1.0), ["dropout", "[0, 1)"]),
         (lambda: ModelConfig.from_preset("7M", 100), ["unknown preset '7M'", "1M, 3M, 8M, 28M, 33M, 28M-seed"]),
         (lambda: ModelConfig.from_preset("1M", 100, width=3), ["unknown key(s) width", "d_model"]),
+        (lambda: ModelConfig(vocab_size=100, position="alibi"), ["position must be one of learned, rope, none"]),
+        (lambda: ModelConfig(vocab_size=100, n_head=16, n_kv_head=3), ["n_kv_head must divide n_head=16", "3"]),
+        (lambda: ModelConfig(vocab_size=100, d_model=60, n_head=20, position="rope"), ["even head size", "3"]),
     ],
 )
 def test_invalid_configs_name_the_field_and_allowed_values(make, words):
