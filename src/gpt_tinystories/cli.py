@@ -144,6 +144,38 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"compared {len(args.run_dirs)} runs -> {report} (plots beside it)")
 
 
+def cmd_judge(args: argparse.Namespace) -> None:
+    from .grading import Judge
+    from .judge import JudgeConfig, default_out, run
+    from .judge_report import HEADLINE, METRICS, cell
+
+    judge = None
+    if args.judge_url or args.judge_model:
+        if not (args.judge_url and args.judge_model):
+            raise UserError(
+                "LLM grading needs both --judge-url and --judge-model (e.g. https://api.openai.com/v1 gpt-4o)"
+            )
+        judge = Judge(args.judge_url, args.judge_model, args.judge_api_key_env, args.judge_concurrency,
+                      args.judge_retries, args.judge_timeout, args.judge_cache)  # fmt: skip
+    config = JudgeConfig(args.checkpoint, args.out, args.prompts, args.samples, args.max_new_tokens, args.temperature,
+                         args.top_k, args.top_p, args.beams, args.seed, args.batch_size, args.train_data,
+                         args.train_split, args.index_dir, args.reference, judge, args.device)  # fmt: skip
+    report = run(config)
+    out = args.out or default_out(args.checkpoint)
+    for key in HEADLINE:
+        if key in report["metrics"]:
+            print(f"  {METRICS[key][0]:<28} {cell(report['metrics'][key])}")
+    if grading := report["grading"]:
+        errors = sum(grading["errors"].values())
+        print(
+            f"  graded {grading['graded']}/{grading['requested']} ({grading['from_cache']} cached, {errors} not graded)"
+        )
+    print(
+        f"{report['generation']['tokens']:,} tokens in {report['generation']['seconds']:.1f} s; "
+        f"reports in {out}: report.md, report.html, report.json, completions.jsonl"
+    )
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
@@ -308,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="comparison", help="folder for report.md and the plots (default: comparison)")
     p.set_defaults(func=cmd_compare)
 
+    p = verbs.add_parser("judge", help="complete story beginnings and judge the stories (metrics, reference, LLM)")
+    _add_judge_flags(p)
+    p.set_defaults(func=cmd_judge)
+
     p = verbs.add_parser("serve", help="the story playground: an HTTP API and a page to write stories in a browser")
     p.add_argument("--checkpoint", required=True, help="a run dir, a checkpoint folder, or a transformers folder")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every network (default: 127.0.0.1)")
@@ -331,6 +367,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write tokenizer.json into")
     p.set_defaults(func=cmd_tokenizer_train)
     return parser
+
+
+def _add_judge_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a run dir, a checkpoint folder, or a transformers model")
+    p.add_argument("--prompts", help="YAML/JSON list of strings or one prompt per line (default: the paper's 44)")
+    p.add_argument("--samples", type=int, default=10, help="completions per prompt (default: 10)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=300)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0, the model's own)")
+    p.add_argument("--top-k", type=_positive_int)
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--beams", type=_positive_int, help="beam search with this many beams (one story per prompt)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=110, help="completions decoded together")
+    p.add_argument("--out", help="folder for the reports (default: RUN_DIR/judge)")
+    p.add_argument("--train-data", help="training stories to measure copying against (indexed once, cached)")
+    p.add_argument("--train-split", default="train", help="split of a hub dataset (default: train)")
+    p.add_argument("--index-dir", help="where the n-gram index lives (default: a cache folder keyed by the data)")
+    p.add_argument("--reference", help="a model to score the continuations with (run dir or transformers model)")
+    p.add_argument("--judge-url", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    p.add_argument("--judge-model", help="the grading model's name at that endpoint")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="variable holding the API key")
+    p.add_argument("--judge-concurrency", type=_positive_int, default=4, help="requests in flight (default: 4)")
+    p.add_argument("--judge-retries", type=int, default=4, help="retries on 429, 5xx and dropped connections")
+    p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request (default: 120)")
+    p.add_argument("--judge-cache", help="grade cache (default: judge-grades.sqlite in the cache folder)")
+    p.add_argument("--device", default="auto")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
