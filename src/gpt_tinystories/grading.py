@@ -238,4 +238,5 @@ def grade_summary(results: Sequence[dict]) -> dict:
 
 
 def _one_line(value: object) -> str:
-    return " ".join(str(value).split())[:200]
+    text = re.sub(r"^Error code: \d+ - ", "", str(value))  # the status is named already
+    return " ".join(text.split())[:200]

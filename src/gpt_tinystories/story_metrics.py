@@ -27,7 +27,8 @@ from .ngram_index import NGramIndex
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)*")
-SENTENCE_END = re.compile(r"[.!?]['\"\u201d)]*\s*$|^\s*['\"\u201c]?\s*$")
+# the text before a word that starts a sentence: a full stop, a new line, an opening quote, or nothing
+SENTENCE_START = re.compile(r"(?:^|[.!?][\"'\u201d)]*\s|\n|(?:^|\s)[\"'\u201c])\s*$")
 # Words written with a capital inside sentences that are not characters' names.
 NOT_NAMES = {"I", "I'm", "I'll", "I've", "I'd", "OK", "Okay", "TV", "God", "Mr", "Mrs", "Ms", "Dr"}
 
@@ -52,7 +53,11 @@ def names(text: str) -> set[str]:
     found = set()
     for match in WORD.finditer(text):
         word = match.group()
-        if word[0].isupper() and word not in NOT_NAMES and not SENTENCE_END.search(text[: match.start()]):
+        if (
+            word[0].isupper()
+            and word not in NOT_NAMES
+            and not SENTENCE_START.search(text[max(0, match.start() - 12) : match.start()])
+        ):
             found.add(word)
     return found
 
