@@ -1,17 +1,35 @@
-"""Losses that can be compared across runs and tokenizers."""
+"""Losses that can be compared across runs and tokenizers, and the sample story: the `Evaluator`.
+
+One `Evaluator` owns a fixed set of validation windows and everything computed from them, so training, the
+`eval` verb and the story judge report the same figures the same way:
+
+    evaluator = Evaluator(windows, tokenizer, batch_size=16, max_batches=None, device="cpu")
+    # or, from a data source: Evaluator.from_data("stories.txt", tokenizer, context_length=512)
+    result = evaluator.evaluate(model)         # EvalResult: loss, bits_per_byte, nats_per_gpt2_token, ...
+    story = evaluator.sample(model, 200, seed=0)  # SAMPLE_PROMPT and the model's continuation, as text
+
+`evaluate()` scores the first `max_batches` batches of the windows in order (all of them with None) and fills
+`EvalResult.gpt2_tokens`, the GPT-2 token count of the scored text, counted once per evaluator (its windows
+never change). `sample()` draws from its own seeded generator, so it never moves the caller's RNG stream.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import TokenWindows
+from .data import TokenWindows, prepare
+from .generate import Sampling, generate
 from .tokenizer import Tokenizer
+
+SAMPLE_PROMPT = "One day, a little girl named Lily found a needle in her room."
+STORY_SAMPLING = Sampling(0.8, top_k=50)  # the sample story of each evaluation during training
 
 
 @dataclass
@@ -44,6 +62,75 @@ class EvalResult:
         return {"tokens": self.tokens, "text_bytes": self.text_bytes, "gpt2_tokens": self.gpt2_tokens,
                 "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
                 "nats_per_gpt2_token": self.nats_per_gpt2_token}  # fmt: skip
+
+    def to_record(self) -> dict:
+        """The validation figures of an `eval` record in metrics.jsonl (what `compare` reads back)."""
+        return {
+            "val_loss": self.loss,
+            "val_bpb": self.bits_per_byte,
+            "val_nats_per_gpt2_token": self.nats_per_gpt2_token,
+        }
+
+
+class Evaluator:
+    """Validation loss, bits per byte, GPT-2-token-equivalent loss and a sample story over fixed windows."""
+
+    def __init__(
+        self,
+        windows: TokenWindows,
+        tokenizer: Tokenizer,
+        batch_size: int = 16,
+        max_batches: int | None = None,
+        device: torch.device | str = "cpu",
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> None:
+        self.windows, self.tokenizer = windows, tokenizer
+        self.batch_size, self.max_batches = batch_size, max_batches
+        self.device = torch.device(device)
+        self.autocast = autocast or contextlib.nullcontext()  # e.g. the run's bf16 autocast
+        self.token_bytes = torch.tensor(tokenizer.token_bytes(), device=self.device)
+        self._gpt2_tokens: int | None = None
+
+    @classmethod
+    def from_data(
+        cls,
+        data: str | os.PathLike,
+        tokenizer: Tokenizer,
+        context_length: int,
+        split: str = "validation",
+        progress: bool = False,
+        **options,
+    ) -> Evaluator:
+        """An evaluator over all of `data` (prepared, and cached, with `tokenizer`); options as for __init__."""
+        prepared = prepare(data, tokenizer, split=split, progress=progress)
+        prepared.check_tokenizer(tokenizer)  # data prepared with another tokenizer would be scored as garbage
+        windows = TokenWindows(prepared.tokens(), context_length, seed=None, name=f"evaluation data {data}")
+        return cls(windows, tokenizer, **options)
+
+    def evaluate(self, model: torch.nn.Module, progress: bool = False) -> EvalResult:
+        """The model's loss over the evaluator's windows, with the GPT-2 token count of the scored text."""
+        result = evaluate(model, self.windows, self.token_bytes, self.batch_size, self.max_batches, self.autocast,
+                          progress)  # fmt: skip
+        if self._gpt2_tokens is None:  # the same windows every time: count their text's GPT-2 tokens once
+            self._gpt2_tokens = gpt2_tokens_scored(result, self.windows, self.tokenizer)
+        result.gpt2_tokens = self._gpt2_tokens
+        return result
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        max_new_tokens: int,
+        seed: int,
+        prompt: str = SAMPLE_PROMPT,
+        sampling: Sampling = STORY_SAMPLING,
+    ) -> str:
+        """`prompt` and the model's continuation of it, as a new story (the prompt follows an EOS, as stories do
+        in the data), sampled from a generator of its own so that the caller's RNG stream is left alone."""
+        tokens = [self.tokenizer.eos_id, *self.tokenizer.encode(prompt)]
+        generator = torch.Generator(self.device).manual_seed(seed)
+        with self.autocast:
+            (story,) = generate(model, [tokens], max_new_tokens, sampling, self.tokenizer.eos_id, generator)
+        return self.tokenizer.decode(tokens[1:] + story)
 
 
 @torch.no_grad()
