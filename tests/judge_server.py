@@ -21,9 +21,12 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+_SCRIPTS = ("grade:", "busy:", "slow", "fail", "deny", "refuse", "sorry", "badscore", "malformed")
+
 
 class ScriptedJudge:
-    def __init__(self) -> None:
+    def __init__(self, default: str | None = None) -> None:
+        self.default = default  # the script for any other completion (else: a malformed answer)
         self.requests: Counter = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -78,6 +81,8 @@ class ScriptedJudge:
         with self.lock:
             self.requests[completion] += 1
             seen = self.requests[completion]
+        if self.default and not completion.startswith(_SCRIPTS):
+            completion = self.default
         if completion.startswith("grade:"):
             return 200, _chat(_grade(float(completion[6:]))), {}
         if completion.startswith("busy:"):

@@ -27,6 +27,7 @@ class Run:
     parameters: int
     evals: list[dict]
     last_train: dict | None
+    judge: dict | None = None  # RUN_DIR/judge/report.json, when `gpt-tinystories judge` has run
 
     @property
     def final(self) -> dict | None:
@@ -51,7 +52,19 @@ def load_run(path: str | os.PathLike) -> Run:
     settings["precision (measured)"] = config.get("precision")
     trains = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    return Run(path.name, path, settings, model.num_parameters(), evals, trains[-1] if trains else None)
+    run = Run(path.name, path, settings, model.num_parameters(), evals, trains[-1] if trains else None)
+    run.judge = _judge_report(path)
+    return run
+
+
+def _judge_report(path: Path) -> dict | None:
+    report = path / "judge" / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        return json.loads(report.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{report} is damaged; run 'gpt-tinystories judge --checkpoint {path}' again") from None
 
 
 def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
@@ -109,8 +122,30 @@ def render(runs: list[Run]) -> str:
             lines.append(f"| **{key}** | " + " | ".join(f"`{r.settings.get(key)!r}`" for r in runs) + " |")
     else:
         lines.append("None: the runs share every setting.")
+    lines += _story_lines(runs)
     lines += ["", "## Validation loss", "", f"![by tokens]({BY_TOKENS})", "", f"![by time]({BY_TIME})", ""]
     return "\n".join(lines)
+
+
+def _story_lines(runs: list[Run]) -> list[str]:
+    """The judge's headline story metrics of the runs that have a report (RUN_DIR/judge/report.json)."""
+    from .judge_report import HEADLINE, METRICS, cell
+
+    judged = [run for run in runs if run.judge]
+    if not judged:
+        return []
+    keys = [k for k in HEADLINE if any(k in run.judge["metrics"] for run in judged)]
+    lines = ["", "## Stories (judge reports)", "", "Means over prompts with 95% bootstrap intervals (see each "
+             "run's judge/report.md); read them only across runs judged with the same prompts and decoding.", "",
+             "| run | prompts × samples | decoding | " + " | ".join(METRICS[k][0] for k in keys) + " |",
+             "|---" * (len(keys) + 3) + "|"]  # fmt: skip
+    for run in judged:
+        report = run.judge
+        decoding = ", ".join(f"{k} {v}" for k, v in report["decoding"].items() if v is not None and k != "batch_size")
+        shape = f"{report['prompts']['count']} × {report['samples_per_prompt']}"
+        cells = [cell(report["metrics"].get(k), 2) for k in keys]
+        lines.append(f"| `{run.name}` | {shape} | {decoding} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _number(value: float | None, spec: str, unit: str = "") -> str:

@@ -7,6 +7,7 @@ One `Evaluator` owns a fixed set of validation windows and everything computed f
     # or, from a data source: Evaluator.from_data("stories.txt", tokenizer, context_length=512)
     result = evaluator.evaluate(model)         # EvalResult: loss, bits_per_byte, nats_per_gpt2_token, ...
     story = evaluator.sample(model, 200, seed=0)  # SAMPLE_PROMPT and the model's continuation, as text
+    report = evaluator.judge(model, samples=2)  # story metrics on the TinyStories authors' prompts (judge.py)
 
 `evaluate()` scores the first `max_batches` batches of the windows in order (all of them with None) and fills
 `EvalResult.gpt2_tokens`, the GPT-2 token count of the scored text, counted once per evaluator (its windows
@@ -131,6 +132,18 @@ class Evaluator:
         with self.autocast:
             (story,) = generate(model, [tokens], max_new_tokens, sampling, self.tokenizer.eos_id, generator)
         return self.tokenizer.decode(tokens[1:] + story)
+
+    def judge(self, model: torch.nn.Module, prompts: str | None = None, index=None, **options) -> dict:
+        """Story metrics (and, with `judge=`, LLM grades) of `model`'s completions of `prompts` (default: the
+        TinyStories authors' 44); `options` are `JudgeConfig` fields. The content of the judge's report.json."""
+        from .generate import Storyteller
+        from .judge import JudgeConfig, judge_stories
+        from .prompts import load_prompts
+
+        config = JudgeConfig(prompts=prompts, progress=False, **options)
+        texts, name = load_prompts(prompts)
+        with self.autocast:
+            return judge_stories(Storyteller(model, self.tokenizer), texts, name, config, index)
 
 
 @torch.no_grad()

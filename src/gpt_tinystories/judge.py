@@ -34,7 +34,7 @@ COMPLETIONS, REPORT_JSON, GENERATION = "completions.jsonl", "report.json", "gene
 class JudgeConfig:
     """What `gpt-tinystories judge` does; the defaults are the README's (sampling at temperature 1)."""
 
-    checkpoint: str
+    checkpoint: str = ""  # a run dir, checkpoint folder or transformers model (judge_stories() takes a model)
     out: str | None = None  # default: RUN_DIR/judge for a run dir
     prompts: str | None = None  # default: the shipped 44
     samples: int = 10
@@ -99,11 +99,23 @@ def run(config: JudgeConfig) -> dict:
 
         index = open_or_build(config.train_data, config.train_split, 8, config.index_dir, config.progress)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    completions, reused = _completions(teller, prompts, config, out)
-    generation_seconds = time.perf_counter() - started
+    return judge_stories(teller, prompts, prompts_name, config, index, out)
+
+
+def judge_stories(teller, prompts: list[str], prompts_name: str, config: JudgeConfig, index=None,
+                  out: Path | None = None) -> dict:  # fmt: skip
+    """The judge's work on a model in memory (a `Storyteller`): report.json's content. With `out`, the
+    completions are written there before any grading (or reused from there) and the reports after."""
     from .judge_report import build_report, write_reports
 
+    config.check()
+    _check_lengths(teller, prompts)
+    started = time.perf_counter()
+    if out is None:
+        completions, reused = _generate(teller, prompts, config), False
+    else:
+        completions, reused = _completions(teller, prompts, config, out)
+    generation_seconds = time.perf_counter() - started
     records = _measure(completions, index, config)
     grades = None
     if config.judge is not None:
@@ -113,7 +125,8 @@ def run(config: JudgeConfig) -> dict:
     report = build_report(completions, records, grades, config, prompts_name, teller, index)
     report["generation"] = {"seconds": round(generation_seconds, 3), "reused": reused,
                             "tokens": sum(c.tokens for c in completions)}  # fmt: skip
-    write_reports(out, completions, records, report)
+    if out is not None:
+        write_reports(out, completions, records, report)
     return report
 
 
