@@ -143,7 +143,7 @@ def open_or_build(source: str | os.PathLike, split: str = "train", n: int = 8, d
 
 
 def build(source: str | os.PathLike, out: str | os.PathLike, split: str = "train", n: int = 8,
-          buffer_ngrams: int = 1 << 23, progress: bool = True) -> NGramIndex:  # fmt: skip
+          buffer_ngrams: int = 1 << 22, progress: bool = True) -> NGramIndex:  # fmt: skip
     """Index the word n-grams of every story of `source` into the folder `out` (written whole, then renamed)."""
     from .data import find_files, is_hub_id, iter_stories
 
@@ -206,6 +206,12 @@ def _hash_stories(stories: Iterable[str], n: int, writer: _BucketWriter, bar) ->
     return counts
 
 
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique for uint64, done as sort + compare: ~10x faster than numpy 2's hash-based unique here."""
+    values = np.sort(values)
+    return values[np.concatenate([[True], values[1:] != values[:-1]])] if len(values) else values
+
+
 class _BucketWriter:
     """Hashes in, de-duplicated per buffer, out to 256 bucket files by their top byte."""
 
@@ -225,7 +231,7 @@ class _BucketWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        hashes = np.unique(np.concatenate(self.pending))  # sorted, so each bucket is one slice
+        hashes = _sorted_unique(np.concatenate(self.pending))  # sorted, so each bucket is one slice
         self.pending, self.size = [], 0
         edges = np.searchsorted(
             hashes >> np.uint64(64 - BUCKET_BITS), np.arange((1 << BUCKET_BITS) + 1, dtype=np.uint64)
@@ -243,7 +249,7 @@ class _BucketWriter:
             for bucket in range(1 << BUCKET_BITS):
                 part_file = self.directory / f"{bucket:03d}"
                 if part_file.is_file():
-                    part = np.unique(np.fromfile(part_file, np.uint64))
+                    part = _sorted_unique(np.fromfile(part_file, np.uint64))
                     part.tofile(out)
                     distinct += len(part)
                     part_file.unlink()
