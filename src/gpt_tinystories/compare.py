@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text
 from .config import ModelConfig
 from .errors import UserError
-from .metrics import save_figure, write_text_atomic
+from .metrics import save_figure
 
 REPORT, BY_TOKENS, BY_TIME = "report.md", "val_loss_tokens.png", "val_loss_time.png"
 
@@ -68,7 +69,7 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     _plot(runs, "tokens", 1e6, "tokens (millions)", out / BY_TOKENS)
     _plot(runs, "seconds", 60, "training time (minutes)", out / BY_TIME)
     report = out / REPORT
-    write_text_atomic(report, render(runs))
+    write_text(report, render(runs))
     return report
 
 
