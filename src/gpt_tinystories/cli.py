@@ -160,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare
 
-    report = compare(args.run_dirs, args.out)
+    report = compare(args.run_dirs, args.out, args.data, args.split, args.batch_size, args.max_batches)
     print(f"compared {len(args.run_dirs)} runs -> {report} (plots beside it)")
 
 
@@ -346,6 +346,10 @@ def _add_training_verbs(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("compare", help="a markdown report and loss plots comparing training runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the run dirs to compare (two or more)")
     p.add_argument("--out", default="comparison", help="folder for report.md and the plots (default: comparison)")
+    p.add_argument("--data", help="also score each run's best checkpoint on this data (hub id, file or folder)")
+    p.add_argument("--split", default="validation", help="split of a hub dataset for --data")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="for --data")
+    p.add_argument("--max-batches", type=_positive_int, help="score only this many batches of --data")
     p.set_defaults(func=cmd_compare)
 
 

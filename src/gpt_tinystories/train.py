@@ -225,6 +225,12 @@ class TrainState:
     session_step: int = 0  # where this process started, for its tokens/s
     session_start: float = field(default_factory=time.perf_counter)
 
+    def advance(self, bad: bool, seconds: float) -> None:
+        """Count a finished step; one whose update was skipped still counts (its batch is used up)."""
+        self.step += 1
+        self.skipped, self.bad_in_a_row = self.skipped + bad, self.bad_in_a_row + 1 if bad else 0
+        self.train_seconds += seconds
+
 
 @dataclass
 class StepResult:
@@ -367,18 +373,10 @@ def _loop(run: Run, state: TrainState, progress: bool) -> TrainResult:
                 started = time.perf_counter()
                 lr = learning_rate(config, state.step, run.budget.progress(state.step, state.train_seconds))
                 result = train_step(run, state.step, lr)
-                state.step += 1
-                state.skipped, state.bad_in_a_row = (
-                    state.skipped + result.bad,
-                    state.bad_in_a_row + 1 if result.bad else 0,
-                )
-                state.train_seconds += time.perf_counter() - started
+                state.advance(result.bad, time.perf_counter() - started)
                 bar.update()
                 _log_step(run, state, result, bar)
-                evaluating = state.step % config.eval_every == 0
-                checkpointing = (config.checkpoint_every and state.step % config.checkpoint_every == 0) or (
-                    evaluating and not config.checkpoint_every
-                )
+                evaluating, checkpointing = _due(config, state.step)
                 _report(run, state, evaluating, checkpointing and not state.bad_in_a_row)  # keep the last good newest
             # the final model is always evaluated (unless interrupted) and saved
             _report(run, state, stop.signum is None and state.last_eval != state.step, state.step != state.last_saved)
@@ -386,6 +384,14 @@ def _loop(run: Run, state: TrainState, progress: bool) -> TrainResult:
         print(f"stopped by signal {stop.signum} at step {state.step}; checkpoint saved; run the same command to resume")
     return TrainResult(run.run_dir, state.step, state.step * run.tokens_per_step, state.val_loss, state.val_bpb,
                        state.sample, stop.signum, world.rank)  # fmt: skip
+
+
+def _due(config: TrainConfig, step: int) -> tuple[bool, bool]:
+    """Whether `step` is evaluated, and whether it is checkpointed (by default at every evaluation)."""
+    evaluating = step % config.eval_every == 0
+    if config.checkpoint_every:
+        return evaluating, step % config.checkpoint_every == 0
+    return evaluating, evaluating
 
 
 def train_step(run: Run, step: int, lr: float) -> StepResult:
