@@ -7,6 +7,10 @@ Nothing user-supplied is ever unpickled: weights load through safetensors and tr
 `torch.load(weights_only=True)`. meta.json records a SHA-256 of each file, checked on load; `latest()` skips a
 damaged step checkpoint (with a warning) in favour of the one before it. A crash at any moment leaves at most a
 hidden `.NAME.tmp-PID` / `.NAME.old-PID` folder, which the next prune() tidies away.
+
+`RunMeta` is meta.json as a dataclass, the one reader and writer of its keys; `Checkpointer` is a training
+run's view of its checkpoints (where to resume, restoring, saving step and `best`, pruning); `load_model()` is
+everyone else's way in.
 """
 
 from __future__ import annotations

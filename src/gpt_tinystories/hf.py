@@ -55,7 +55,7 @@ def architecture(config: ModelConfig) -> str:
 
 # -- one name table per architecture, read in both directions -------------------------------------------
 @dataclass(frozen=True)
-class Tensor:
+class Weight:
     """One of our tensors and the transformers tensor(s) that hold the same numbers."""
 
     ours: str
@@ -64,56 +64,56 @@ class Tensor:
     transposed: bool = False  # GPT-2's Conv1D layers store weights as (in, out)
 
 
-def weight_names(kind: str, config: ModelConfig) -> list[Tensor]:
+def weight_names(kind: str, config: ModelConfig) -> list[Weight]:
     """Every tensor of our model (config) and where the transformers model of `kind` keeps it."""
     if kind == "llama":
         return _llama_names(config)
     names = [
-        Tensor(name, (f"transformer.{name}",)) for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
+        Weight(name, (f"transformer.{name}",)) for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
     ]
     if not config.tied_embeddings:
-        names.append(Tensor("lm_head.weight", ("lm_head.weight",)))
+        names.append(Weight("lm_head.weight", ("lm_head.weight",)))
     conv1d = kind == "gpt2"
     for i in range(config.n_layer):
         ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
         names += [
-            Tensor(f"{ours}{norm}.{p}", (f"{hf}{norm}.{p}",)) for norm in ("ln_1", "ln_2") for p in ("weight", "bias")
+            Weight(f"{ours}{norm}.{p}", (f"{hf}{norm}.{p}",)) for norm in ("ln_1", "ln_2") for p in ("weight", "bias")
         ]
         if conv1d:
-            names += [Tensor(ours + "attn.qkv.weight", (hf + "attn.c_attn.weight",), transposed=True),
-                      Tensor(ours + "attn.qkv.bias", (hf + "attn.c_attn.bias",)),
-                      Tensor(ours + "attn.proj.weight", (hf + "attn.c_proj.weight",), transposed=True),
-                      Tensor(ours + "attn.proj.bias", (hf + "attn.c_proj.bias",))]  # fmt: skip
+            names += [Weight(ours + "attn.qkv.weight", (hf + "attn.c_attn.weight",), transposed=True),
+                      Weight(ours + "attn.qkv.bias", (hf + "attn.c_attn.bias",)),
+                      Weight(ours + "attn.proj.weight", (hf + "attn.c_proj.weight",), transposed=True),
+                      Weight(ours + "attn.proj.bias", (hf + "attn.c_proj.bias",))]  # fmt: skip
         else:  # GPT-Neo: separate bias-free q, k, v projections
             attention = hf + "attn.attention."
-            names += [Tensor(ours + "attn.qkv.weight", tuple(f"{attention}{p}_proj.weight" for p in "qkv")),
-                      Tensor(ours + "attn.qkv.bias", ()),
-                      Tensor(ours + "attn.proj.weight", (attention + "out_proj.weight",)),
-                      Tensor(ours + "attn.proj.bias", (attention + "out_proj.bias",))]  # fmt: skip
+            names += [Weight(ours + "attn.qkv.weight", tuple(f"{attention}{p}_proj.weight" for p in "qkv")),
+                      Weight(ours + "attn.qkv.bias", ()),
+                      Weight(ours + "attn.proj.weight", (attention + "out_proj.weight",)),
+                      Weight(ours + "attn.proj.bias", (attention + "out_proj.bias",))]  # fmt: skip
         for theirs, name in (("c_fc", "up"), ("c_proj", "down")):
-            names += [Tensor(f"{ours}mlp.{name}.weight", (f"{hf}mlp.{theirs}.weight",), transposed=conv1d),
-                      Tensor(f"{ours}mlp.{name}.bias", (f"{hf}mlp.{theirs}.bias",))]  # fmt: skip
+            names += [Weight(f"{ours}mlp.{name}.weight", (f"{hf}mlp.{theirs}.weight",), transposed=conv1d),
+                      Weight(f"{ours}mlp.{name}.bias", (f"{hf}mlp.{theirs}.bias",))]  # fmt: skip
     return names
 
 
-def _llama_names(config: ModelConfig) -> list[Tensor]:
-    names = [Tensor("wte.weight", ("model.embed_tokens.weight",)), Tensor("ln_f.weight", ("model.norm.weight",))]
+def _llama_names(config: ModelConfig) -> list[Weight]:
+    names = [Weight("wte.weight", ("model.embed_tokens.weight",)), Weight("ln_f.weight", ("model.norm.weight",))]
     if not config.tied_embeddings:
-        names.append(Tensor("lm_head.weight", ("lm_head.weight",)))
+        names.append(Weight("lm_head.weight", ("lm_head.weight",)))
     d, kv = config.d_model, config.kv_heads * config.head_size
     parameters = ("weight", "bias") if config.bias else ("weight",)
     for i in range(config.n_layer):
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
         for p in parameters:
             names += [
-                Tensor(f"{ours}attn.qkv.{p}", tuple(f"{hf}self_attn.{x}_proj.{p}" for x in "qkv"), (d, kv, kv)),
-                Tensor(f"{ours}attn.proj.{p}", (f"{hf}self_attn.o_proj.{p}",)),
+                Weight(f"{ours}attn.qkv.{p}", tuple(f"{hf}self_attn.{x}_proj.{p}" for x in "qkv"), (d, kv, kv)),
+                Weight(f"{ours}attn.proj.{p}", (f"{hf}self_attn.o_proj.{p}",)),
                 # our `up` holds the gate, then the value
-                Tensor(f"{ours}mlp.up.{p}", (f"{hf}mlp.gate_proj.{p}", f"{hf}mlp.up_proj.{p}")),
-                Tensor(f"{ours}mlp.down.{p}", (f"{hf}mlp.down_proj.{p}",)),
+                Weight(f"{ours}mlp.up.{p}", (f"{hf}mlp.gate_proj.{p}", f"{hf}mlp.up_proj.{p}")),
+                Weight(f"{ours}mlp.down.{p}", (f"{hf}mlp.down_proj.{p}",)),
             ]  # fmt: skip
-        names += [Tensor(ours + "ln_1.weight", (hf + "input_layernorm.weight",)),
-                  Tensor(ours + "ln_2.weight", (hf + "post_attention_layernorm.weight",))]  # fmt: skip
+        names += [Weight(ours + "ln_1.weight", (hf + "input_layernorm.weight",)),
+                  Weight(ours + "ln_2.weight", (hf + "post_attention_layernorm.weight",))]  # fmt: skip
     return names
 
 
