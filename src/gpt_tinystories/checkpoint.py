@@ -94,7 +94,10 @@ class RunMeta:
                 raise UserError(f"checkpoint {directory} has no valid model_config in {META}; use another "
                                 "checkpoint") from None  # fmt: skip
         try:
-            values["tokenizer"] = TokenizerRef(**values.get("tokenizer") or {})
+            recorded = values.get("tokenizer") or {}
+            values["tokenizer"] = TokenizerRef(
+                **{f.name: recorded[f.name] for f in fields(TokenizerRef) if f.name in recorded}
+            )
             return cls(**values)
         except TypeError:
             raise DamagedCheckpoint(
