@@ -255,6 +255,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
 def _set_up(
     config: TrainConfig, run_dir: Path, resume: bool, progress: bool, world: Distributed
 ) -> tuple[Run, TrainState]:
+    """Everything the loop needs, in an order where every check that can fail comes before the first write."""
     if config.threads:
         torch.set_num_threads(config.threads)
     if world.device.type == "cpu":
@@ -270,8 +271,9 @@ def _set_up(
     windows_per_step = accumulation * config.batch_size * world.world_size
     budget = _Budget(config, windows_per_step * config.context_length, windows_per_step, len(train_windows))
     state = TrainState()
-    if meta is not None:
-        state = TrainState(meta.step, meta.train_seconds, meta.skipped_steps, meta.bad_steps_in_a_row, meta.step)
+    if meta is not None:  # where the checkpoint left off
+        state = TrainState(step=meta.step, train_seconds=meta.train_seconds, skipped=meta.skipped_steps,
+                           bad_in_a_row=meta.bad_steps_in_a_row, last_saved=meta.step)  # fmt: skip
     model, precision, optimizer_state = _build_model(config, model_config, init_model, checkpointer, world,
                                                      train_windows)  # fmt: skip
     if config.optimizer == "muon" and config.fsdp and world.distributed:
