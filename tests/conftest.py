@@ -7,6 +7,23 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# Test-only fault injection reaches the subprocesses that tests start through a `sitecustomize` module on
+# PYTHONPATH (see fault_injection/sitecustomize.py); production code carries no hook. The crash tests name its
+# variable as `checkpoint.KILL_IN_SAVE_ENV`, where the hook used to live, so that name is provided here.
+_FAULTS = Path(__file__).resolve().parent / "fault_injection"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(_FAULTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def _name_the_fault_variable() -> None:
+    from fault_injection.sitecustomize import KILL_IN_SAVE_ENV
+
+    from gpt_tinystories import checkpoint
+
+    checkpoint.KILL_IN_SAVE_ENV = KILL_IN_SAVE_ENV
+
+
+_name_the_fault_variable()
+
 SAMPLE_DIR = Path(
     os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories")
 )

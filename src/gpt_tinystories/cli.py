@@ -6,6 +6,7 @@ A `UserError` becomes one line on stderr and exit code 2 (`--debug` shows the tr
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +14,32 @@ from collections.abc import Sequence
 from .errors import UserError
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its real default (unless the help already names it); epilogs keep their
+    layout, so a verb can end its help with a table."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _has_default(action):  # argparse prints no help line at all for help=None
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").strip()
+        if _has_default(action) and "default" not in text:
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
+def _has_default(action: argparse.Action) -> bool:
+    return bool(action.option_strings) and action.default not in (None, False, "", argparse.SUPPRESS)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
@@ -96,11 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     from .checkpoint import load_model
-    from .data import TokenWindows, prepare
-    from .evaluate import evaluate, gpt2_tokens_scored
+    from .evaluate import Evaluator
     from .runtime import pick_device
 
     device = pick_device(args.device)
@@ -108,12 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     context = args.context_length or model.config.context_length
     if context > model.config.context_length:
         raise UserError(f"--context-length {context} exceeds the model's {model.config.context_length}")
-    prepared = prepare(args.data, tokenizer, split=args.split, progress=not args.json)
-    prepared.check_tokenizer(tokenizer)  # data prepared with another tokenizer would be scored as garbage
-    windows = TokenWindows(prepared.tokens(), context, seed=None, name=f"evaluation data {args.data}")
-    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
-    result = evaluate(model, windows, token_bytes, args.batch_size, args.max_batches, progress=not args.json)
-    result.gpt2_tokens = gpt2_tokens_scored(result, windows, tokenizer)
+    options = {"batch_size": args.batch_size, "max_batches": args.max_batches, "device": device}
+    evaluator = Evaluator.from_data(args.data, tokenizer, context, args.split, progress=not args.json, **options)
+    result = evaluator.evaluate(model, progress=not args.json)
     report = {"checkpoint": meta["path"], "step": meta.get("step"), "data": str(args.data), "split": args.split,
               "tokenizer": tokenizer.name, **result.to_dict()}  # fmt: skip
     if args.json:
@@ -140,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare
 
-    report = compare(args.run_dirs, args.out)
+    report = compare(args.run_dirs, args.out, args.data, args.split, args.batch_size, args.max_batches)
     print(f"compared {len(args.run_dirs)} runs -> {report} (plots beside it)")
 
 
@@ -240,7 +260,7 @@ def _config_names() -> list[str]:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--max-steps for max_steps ...); given flags override the config file."""
     import typing
-    from dataclasses import MISSING, fields
+    from dataclasses import fields
 
     from .config import TrainConfig
 
@@ -249,12 +269,54 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in fields(TrainConfig):
         kind = next(t for t in (typing.get_args(hints[field.name]) or [hints[field.name]]) if t is not type(None))
         flag = "--" + field.name.replace("_", "-")
-        default = None if field.default is MISSING else field.default
+        text = _config_help(field.name, field.default).replace("%", "%%")  # argparse %-formats help
         if kind is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=text)  # fmt: skip
             continue
         group.add_argument(flag, dest=field.name, type=_typed(kind), default=argparse.SUPPRESS,
-                           metavar=kind.__name__.upper(), help=f"default: {_describe(default)}")  # fmt: skip
+                           metavar=kind.__name__.upper(), help=text)  # fmt: skip
+
+
+def _config_help(name: str, default: object) -> str:
+    """'one of ...; default: ...' for a TrainConfig field: its allowed values, and what it is when not given."""
+    from .config import CHOICES, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, ModelConfig
+
+    allowed = {"preset": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
+               **CHOICES, "tokenizer": ("gpt2", "bpe-N (trained on the data)", "a tokenizer.json path"),
+               "device": ("auto", "cpu", "cuda", "cuda:N", "mps")}  # fmt: skip
+    when_unset = {
+        "val_data": "the hub's validation split, or the last val_fraction of local data",
+        "init_from": "random weights; else a run dir, checkpoint folder or transformers model",
+        "context_length": f"{ModelConfig.context_length}",
+        "n_kv_head": "n_head (multi-head attention)",
+        "max_time": "none; e.g. 90s, 15m, 2h",
+        "checkpoint_every": "at every evaluation",
+        "threads": "torch's default (every core)",
+        **dict.fromkeys(("d_model", "n_layer", "n_head", "lr", "tokens_per_step", "warmup_steps"), "the preset's"),
+        **dict.fromkeys(("max_steps", "max_tokens", "max_epochs"), "none (with no budget at all: 1 epoch)"),
+    }
+    if default is None:
+        model_default = getattr(ModelConfig, name, None)
+        shown = when_unset.get(name, str(model_default))
+    else:
+        shown = str(default)
+    choices = f"one of {', '.join(allowed[name])}; " if name in allowed else ""
+    return f"{choices}default: {shown}"
+
+
+def _preset_table() -> str:
+    """The per-preset defaults, as the epilog of `train --help`."""
+    from .config import PRESETS, TRAIN_PRESETS
+
+    lines = ["defaults per preset (each can be overridden by its flag):",
+             f"  {'preset':<9} {'d_model':>7} {'n_layer':>7} {'n_head':>6} {'lr':>7} {'tokens_per_step':>15} "
+             f"{'warmup_steps':>12}"]  # fmt: skip
+    for name, shape in PRESETS.items():
+        train = TRAIN_PRESETS[name]
+        lines.append(f"  {name:<9} {shape['d_model']:>7} {shape['n_layer']:>7} {shape['n_head']:>6} {train['lr']:>7g} "
+                     f"{train['tokens_per_step']:>15,} {train['warmup_steps']:>12}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _typed(kind: type):
@@ -273,7 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpt-tinystories", description="Train, evaluate and sample small GPTs on TinyStories.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+    _add_data_verbs(verbs)
+    _add_training_verbs(verbs)
+    _add_model_verbs(verbs)
+    return parser
 
+
+def _add_data_verbs(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("presets", help="list the model presets and their parameter counts")
     p.add_argument("--vocab-size", type=_positive_int, action="append", help="vocabulary size(s) to count with")
     p.add_argument("--context-length", type=_positive_int, default=512)
@@ -287,13 +355,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache root (default: $GPT_TINYSTORIES_CACHE or ~/.cache/gpt-tinystories)")
     p.set_defaults(func=cmd_prepare)
 
-    p = verbs.add_parser("train", help="train a model (resumes when the run dir holds a checkpoint of it)")
+    tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
+        dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"
+    )
+    p = tok.add_parser("train", help="train a byte-level BPE on stories")
+    p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
+    p.add_argument("--vocab-size", type=_positive_int, default=4096)
+    p.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    p.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+
+def _add_training_verbs(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("train", help="train a model (resumes when the run dir holds a checkpoint of it)",
+                         epilog=_preset_table())  # fmt: skip
     p.add_argument("--config", help="a TOML or JSON file of config values")
     p.add_argument("--out", help="run dir (default: runs/PRESET)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = verbs.add_parser("compare", help="a markdown report and loss plots comparing training runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the run dirs to compare (two or more)")
+    p.add_argument("--out", default="comparison", help="folder for report.md and the plots (default: comparison)")
+    p.add_argument("--data", help="also score each run's best checkpoint on this data (hub id, file or folder)")
+    p.add_argument("--split", default="validation", help="split of a hub dataset for --data")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="for --data")
+    p.add_argument("--max-batches", type=_positive_int, help="score only this many batches of --data")
+    p.set_defaults(func=cmd_compare)
+
+
+def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("generate", help="write stories with a trained model")
     p.add_argument(
         "--checkpoint",
@@ -335,11 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser("compare", help="a markdown report and loss plots comparing training runs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the run dirs to compare (two or more)")
-    p.add_argument("--out", default="comparison", help="folder for report.md and the plots (default: comparison)")
-    p.set_defaults(func=cmd_compare)
-
     p = verbs.add_parser("judge", help="complete story beginnings and judge the stories (metrics, reference, LLM)")
     _add_judge_flags(p)
     p.set_defaults(func=cmd_judge)
@@ -356,17 +443,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(func=cmd_serve)
-
-    tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
-        dest="tokenizer_verb", required=True, parser_class=_Parser, metavar="VERB"
-    )
-    p = tok.add_parser("train", help="train a byte-level BPE on stories")
-    p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
-    p.add_argument("--vocab-size", type=_positive_int, default=4096)
-    p.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
-    p.add_argument("--out", required=True, help="folder to write tokenizer.json into")
-    p.set_defaults(func=cmd_tokenizer_train)
-    return parser
 
 
 def _add_judge_flags(p: argparse.ArgumentParser) -> None:
@@ -429,7 +505,3 @@ def _describe_os_error(error: OSError) -> str:
     else:
         fix = "check that the location exists, is writable and has free space"
     return f"{where}{what}; {fix}"
-
-
-def _describe(default: object) -> str:
-    return "set by the preset or unlimited" if default is None else str(default)

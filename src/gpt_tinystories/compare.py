@@ -2,7 +2,8 @@
 
 `compare(run_dirs, out)` reads what each run dir already holds (config.json, metrics.jsonl) and writes
 `report.md` with `val_loss_tokens.png` and `val_loss_time.png` into `out`. Nothing is recomputed, so runs made
-on different machines compare as they were measured.
+on different machines compare as they were measured. With `data`, each run's best checkpoint is also scored
+by the same `Evaluator` on that data, so runs validated on different data still compare fairly.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text
 from .config import ModelConfig
 from .errors import UserError
-from .metrics import save_figure, write_text_atomic
+from .metrics import save_figure
 
 REPORT, BY_TOKENS, BY_TIME = "report.md", "val_loss_tokens.png", "val_loss_time.png"
 
@@ -67,11 +69,20 @@ def _judge_report(path: Path) -> dict | None:
         raise UserError(f"{report} is damaged; run 'gpt-tinystories judge --checkpoint {path}' again") from None
 
 
-def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Write the report and plots for `run_dirs` into `out`; return the report's path."""
+def compare(
+    run_dirs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    split: str = "validation",
+    batch_size: int = 16,
+    max_batches: int | None = None,
+) -> Path:
+    """Write the report and plots for `run_dirs` into `out`; return the report's path. With `data`, the report
+    also scores every run's best checkpoint on it (see `score`)."""
     if len(run_dirs) < 2:
         raise UserError("compare needs at least two run dirs")
     runs = [load_run(path) for path in run_dirs]
+    scores = score(runs, data, split, batch_size, max_batches) if data is not None else None
     names = [run.name for run in runs]
     for run in runs:  # two runs named alike (a/seed1, b/seed1): name them by their parent too
         if names.count(run.name) > 1:
@@ -81,8 +92,43 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     _plot(runs, "tokens", 1e6, "tokens (millions)", out / BY_TOKENS)
     _plot(runs, "seconds", 60, "training time (minutes)", out / BY_TIME)
     report = out / REPORT
-    write_text_atomic(report, render(runs))
+    write_text(report, render(runs) + (render_scores(runs, scores, data, split) if scores else ""))
     return report
+
+
+def score(runs: list[Run], data: str | os.PathLike, split: str, batch_size: int, max_batches: int | None) -> list:
+    """Each run's best checkpoint scored by an `Evaluator` on the same text, in windows of the shortest context
+    among the runs (a longer context lowers the loss by itself); one `EvalResult` per run."""
+    from .checkpoint import load_model
+    from .evaluate import Evaluator
+
+    context = min(run.settings["model:context_length"] for run in runs)
+    results = []
+    for run in runs:  # one model in memory at a time
+        model, tokenizer, _ = load_model(run.path)
+        evaluator = Evaluator.from_data(data, tokenizer, context, split, batch_size=batch_size, max_batches=max_batches)
+        results.append(evaluator.evaluate(model))
+    return results
+
+
+def render_scores(runs: list[Run], scores: list, data: str | os.PathLike, split: str) -> str:
+    context = min(run.settings["model:context_length"] for run in runs)
+    lines = [
+        "",
+        "## On the same data",
+        "",
+        f"Each run's best checkpoint scored by the same evaluator on `{data}` (split `{split}` for a hub "
+        f"dataset), in windows of {context} tokens: bits per byte and nats per GPT-2 token compare across "
+        "tokenizers, loss per token only between runs with the same tokenizer.",
+        "",
+        "| run | text bytes | loss (nats/token) | bits/byte | nats/GPT-2 token |",
+        "|---|---|---|---|---|",
+    ]
+    for run, result in zip(runs, scores, strict=True):
+        lines.append(f"| `{run.name}` | {result.text_bytes:,} | {result.loss:.4f} | {result.bits_per_byte:.4f} | "
+                     f"{_number(result.nats_per_gpt2_token, '.4f')} |")  # fmt: skip
+    best = min(zip(runs, scores, strict=True), key=lambda pair: pair[1].bits_per_byte)[0]
+    return "\n".join([*lines, "", f"Lowest bits per byte on this data: **`{best.name}`**.", ""])
 
 
 def render(runs: list[Run]) -> str:

@@ -10,9 +10,6 @@ import codecs
 import hashlib
 import json
 import os
-import re
-import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import atomic, hub
 from .errors import UserError
+from .hub import hub_reachable as hub_reachable  # re-exported: `make demo` and users call data.hub_reachable
+from .hub import is_hub_id
 from .tokenizer import EOS, Tokenizer
 
 DEFAULT_DATASET = "roneneldan/TinyStories"
@@ -32,7 +32,6 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SHARD_TOKENS = 1 << 27  # 128M tokens: 256 MB per uint16 shard
 _READ_CHUNK = 8 << 20
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 # -- reading stories -----------------------------------------------------------------------------
@@ -56,10 +55,6 @@ def is_prepared(source: str | os.PathLike) -> bool:
     return (Path(source) / META_FILE).is_file()
 
 
-def is_hub_id(source: str | os.PathLike) -> bool:
-    return not Path(source).exists() and bool(_HUB_ID.match(str(source)))
-
-
 def check_source(source: str | os.PathLike) -> None:
     if not Path(source).exists() and not is_hub_id(source):
         raise UserError(
@@ -75,7 +70,7 @@ def iter_stories(source: str | os.PathLike, split: str = "train") -> Iterator[st
     """
     check_source(source)
     if is_hub_id(source):
-        return _stripped(_load_hub(str(source), split))
+        return _stripped(hub.load_stories(str(source), split))
     files = find_files(source)
     readers = {".txt": _iter_txt, ".jsonl": _iter_jsonl, ".parquet": _iter_parquet}
     return _stripped(story for path in files for story in readers[path.suffix](path))
@@ -139,34 +134,6 @@ def _iter_parquet(path: Path) -> Iterator[str]:
         raise UserError(f'{path} has no "text" column (columns: {", ".join(file.schema_arrow.names)})')
     for batch in file.iter_batches(columns=["text"]):
         yield from batch.column(0).to_pylist()
-
-
-def _load_hub(dataset_id: str, split: str) -> Iterator[str]:
-    hint = "pass local files instead, e.g. --data TinyStories-train.txt (stories separated by <|endoftext|>)"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
-    if not offline and not hub_reachable():
-        raise UserError(f"cannot reach the Hugging Face hub to load {dataset_id}; {hint}")
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(dataset_id, split=split)
-    except (ConnectionError, OSError) as error:
-        raise UserError(f"cannot load {dataset_id} ({split}) from the Hugging Face hub ({error}); {hint}") from None
-    except ValueError as error:  # an unknown split
-        raise UserError(f"cannot load split {split!r} of {dataset_id}: {str(error).splitlines()[0]}") from None
-    if "text" not in dataset.column_names:
-        raise UserError(f'dataset {dataset_id} has no "text" column (columns: {", ".join(dataset.column_names)})')
-    return iter(dataset["text"])
-
-
-def hub_reachable() -> bool:
-    # A DNS look-up fails at once without network, where datasets would retry for ~25 s before failing.
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
 
 
 # -- prepared shards -----------------------------------------------------------------------------
@@ -259,64 +226,64 @@ def prepare(
     }
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(out) if out is not None else Path(cache_dir or default_cache_dir()) / f"{split}-{key}"
+    cached = _cached(target, key, out is not None)
+    if cached is not None:
+        return cached
+    stories = iter_stories(source, split)  # fails here, before any file or output, on a bad source
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with atomic.staging_dir(target) as tmp:  # an empty folder or stale cached data there is replaced
+        counts = _tokenize(stories, tokenizer, tmp, _source_bytes(source), split, batch_size, progress)
+        if counts["stories"] == 0:
+            raise UserError(f"no stories found in {source}; is the file empty?")
+        meta = {"format": FORMAT_VERSION, "key": key, "source": str(source), "split": split,
+                "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
+                              "eos_id": tokenizer.eos_id},
+                **counts, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+        atomic.write_json(tmp / META_FILE, meta, sync=True)
+    return PreparedData(target, meta)
+
+
+def _cached(target: Path, key: str, explicit: bool) -> PreparedData | None:
+    """The data already prepared at `target` under `key`, if any; refuses to overwrite other data there."""
     if (target / META_FILE).is_file():
         existing = PreparedData.open(target)
         if existing.meta.get("key") == key:
             existing.from_cache = True
             return existing
-        if out is not None:
+        if explicit:
             raise UserError(f"{target} already holds other prepared data; choose another --out or delete it")
     elif target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists and is not prepared data; choose another --out")
+    return None
 
-    stories_in = iter_stories(source, split)  # fails here, before any file or output, on a bad source
+
+def _source_bytes(source: str | os.PathLike) -> int | None:
+    return None if is_hub_id(source) else sum(p.stat().st_size for p in find_files(source))
+
+
+def _tokenize(
+    stories: Iterator[str], tokenizer: Tokenizer, out: Path, total: int | None, split: str, batch_size: int,
+    progress: bool,
+) -> dict:  # fmt: skip
+    """Encode `stories` into shards in `out`; the counts that meta.json records, in its order."""
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    started = time.perf_counter()
-    total = None if is_hub_id(source) else sum(p.stat().st_size for p in find_files(source))
     # disable=None shows the bar on a terminal only; leave=False clears it before any message that follows.
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {split}", leave=False,
                disable=None if progress else True)  # fmt: skip
-    writer = _ShardWriter(tmp, dtype)
-    stories = text_bytes = 0
+    writer = _ShardWriter(out, dtype)
+    count = text_bytes = 0
     try:
-        for batch in _batched(stories_in, batch_size):
+        for batch in _batched(stories, batch_size):
             text_bytes += _encode_into(writer, tokenizer, batch)
-            stories += len(batch)
+            count += len(batch)
             bar.update(text_bytes - bar.n)
         shards = writer.close()
-        if stories == 0:
-            raise UserError(f"no stories found in {source}; is the file empty?")
-        meta = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "source": str(source),
-            "split": split,
-            "tokenizer": {
-                "name": tokenizer.name,
-                "hash": tokenizer.hash,
-                "vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id,
-            },
-            "dtype": dtype.name,
-            "stories": stories,
-            "tokens": sum(s["tokens"] for s in shards),
-            "text_bytes": text_bytes,
-            "shards": shards,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        _write_json_synced(tmp / META_FILE, meta)
-        if target.exists():  # an empty folder, or stale cached data under the same name
-            shutil.rmtree(target)
-        os.replace(tmp, target)
     finally:
         bar.close()
         writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return PreparedData(target, meta)
+    tokens = sum(s["tokens"] for s in shards)
+    return {"dtype": dtype.name, "stories": count, "tokens": tokens, "text_bytes": text_bytes, "shards": shards}
 
 
 def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -371,13 +338,6 @@ class _ShardWriter:
     def close(self) -> list[dict]:
         self._close_file()
         return self.shards
-
-
-def _write_json_synced(path: Path, data: dict) -> None:
-    with open(path, "w") as file:
-        json.dump(data, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
 
 
 # -- batches -------------------------------------------------------------------------------------

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from . import atomic, hub
 from .config import ModelConfig
-from .data import hub_reachable
 from .errors import UserError, write_error
 from .model import GPT
 from .tokenizer import EOS, Tokenizer
@@ -53,103 +53,185 @@ def architecture(config: ModelConfig) -> str:
     )
 
 
+# -- one name table per architecture, read in both directions -------------------------------------------
+@dataclass(frozen=True)
+class Weight:
+    """One of our tensors and the transformers tensor(s) that hold the same numbers."""
+
+    ours: str
+    theirs: tuple[str, ...]  # several: ours is their concatenation along dim 0; none: theirs is implicitly zero
+    sizes: tuple[int, ...] | None = None  # rows of each of `theirs` in ours (None: equal parts)
+    transposed: bool = False  # GPT-2's Conv1D layers store weights as (in, out)
+
+
+def weight_names(kind: str, config: ModelConfig) -> list[Weight]:
+    """Every tensor of our model (config) and where the transformers model of `kind` keeps it."""
+    if kind == "llama":
+        return _llama_names(config)
+    names = [
+        Weight(name, (f"transformer.{name}",)) for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
+    ]
+    if not config.tied_embeddings:
+        names.append(Weight("lm_head.weight", ("lm_head.weight",)))
+    conv1d = kind == "gpt2"
+    for i in range(config.n_layer):
+        ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
+        names += [
+            Weight(f"{ours}{norm}.{p}", (f"{hf}{norm}.{p}",)) for norm in ("ln_1", "ln_2") for p in ("weight", "bias")
+        ]
+        if conv1d:
+            names += [Weight(ours + "attn.qkv.weight", (hf + "attn.c_attn.weight",), transposed=True),
+                      Weight(ours + "attn.qkv.bias", (hf + "attn.c_attn.bias",)),
+                      Weight(ours + "attn.proj.weight", (hf + "attn.c_proj.weight",), transposed=True),
+                      Weight(ours + "attn.proj.bias", (hf + "attn.c_proj.bias",))]  # fmt: skip
+        else:  # GPT-Neo: separate bias-free q, k, v projections
+            attention = hf + "attn.attention."
+            names += [Weight(ours + "attn.qkv.weight", tuple(f"{attention}{p}_proj.weight" for p in "qkv")),
+                      Weight(ours + "attn.qkv.bias", ()),
+                      Weight(ours + "attn.proj.weight", (attention + "out_proj.weight",)),
+                      Weight(ours + "attn.proj.bias", (attention + "out_proj.bias",))]  # fmt: skip
+        for theirs, name in (("c_fc", "up"), ("c_proj", "down")):
+            names += [Weight(f"{ours}mlp.{name}.weight", (f"{hf}mlp.{theirs}.weight",), transposed=conv1d),
+                      Weight(f"{ours}mlp.{name}.bias", (f"{hf}mlp.{theirs}.bias",))]  # fmt: skip
+    return names
+
+
+def _llama_names(config: ModelConfig) -> list[Weight]:
+    names = [Weight("wte.weight", ("model.embed_tokens.weight",)), Weight("ln_f.weight", ("model.norm.weight",))]
+    if not config.tied_embeddings:
+        names.append(Weight("lm_head.weight", ("lm_head.weight",)))
+    d, kv = config.d_model, config.kv_heads * config.head_size
+    parameters = ("weight", "bias") if config.bias else ("weight",)
+    for i in range(config.n_layer):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        for p in parameters:
+            names += [
+                Weight(f"{ours}attn.qkv.{p}", tuple(f"{hf}self_attn.{x}_proj.{p}" for x in "qkv"), (d, kv, kv)),
+                Weight(f"{ours}attn.proj.{p}", (f"{hf}self_attn.o_proj.{p}",)),
+                # our `up` holds the gate, then the value
+                Weight(f"{ours}mlp.up.{p}", (f"{hf}mlp.gate_proj.{p}", f"{hf}mlp.up_proj.{p}")),
+                Weight(f"{ours}mlp.down.{p}", (f"{hf}mlp.down_proj.{p}",)),
+            ]  # fmt: skip
+        names += [Weight(ours + "ln_1.weight", (hf + "input_layernorm.weight",)),
+                  Weight(ours + "ln_2.weight", (hf + "post_attention_layernorm.weight",))]  # fmt: skip
+    return names
+
+
+def to_hf_state(model: GPT, kind: str) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names for `kind`."""
+    ours, state = model.state_dict(), {}
+    for entry in weight_names(kind, model.config):
+        tensor = ours[entry.ours].T if entry.transposed else ours[entry.ours]
+        if len(entry.theirs) > 1:
+            pieces = tensor.split(list(entry.sizes)) if entry.sizes else tensor.chunk(len(entry.theirs))
+            state |= dict(zip(entry.theirs, pieces, strict=True))
+        elif entry.theirs:
+            state[entry.theirs[0]] = tensor
+    return state
+
+
+def from_hf_state(source: dict[str, torch.Tensor], kind: str, config: ModelConfig) -> dict[str, torch.Tensor | None]:
+    """A transformers state dict of `kind` under our names (None: a tensor that is zero there); names a missing
+    tensor."""
+
+    def get(name: str) -> torch.Tensor:
+        if name not in source:
+            raise UserError(f"the transformers model has no tensor {name}; it does not match its config")
+        return source[name]
+
+    out = {}
+    for entry in weight_names(kind, config):
+        if not entry.theirs:  # e.g. GPT-Neo's q/k/v biases: zero
+            out[entry.ours] = None
+            continue
+        tensor = torch.cat([get(name) for name in entry.theirs]) if len(entry.theirs) > 1 else get(entry.theirs[0])
+        out[entry.ours] = tensor.T if entry.transposed else tensor
+    return out
+
+
+# -- export ------------------------------------------------------------------------------------------
 def to_transformers(model: GPT):
     """The same network as a transformers model: GPT2LMHeadModel, GPTNeoForCausalLM or LlamaForCausalLM."""
     import transformers
 
     config = model.config
     kind = architecture(config)
-    if kind == "llama":
-        hf_config = transformers.LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.d_model,
-            intermediate_size=config.mlp_hidden,
-            num_hidden_layers=config.n_layer,
-            num_attention_heads=config.n_head,
-            num_key_value_heads=config.kv_heads,
-            head_dim=config.head_size,
-            max_position_embeddings=config.context_length,
-            rms_norm_eps=1e-5,
-            rope_theta=config.rope_theta,
-            attention_bias=config.bias,
-            mlp_bias=config.bias,
-            tie_word_embeddings=config.tied_embeddings,
-            attention_dropout=config.dropout,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        hf = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa")
-        return _load(hf, _llama_state(model), model)
-    state: dict[str, torch.Tensor] = {
-        "transformer.wte.weight": model.wte.weight,
-        "transformer.wpe.weight": model.wpe.weight,
-        "transformer.ln_f.weight": model.ln_f.weight,
-        "transformer.ln_f.bias": model.ln_f.bias,
-    }
-    if model.lm_head is not None:
-        state["lm_head.weight"] = model.lm_head.weight
     if kind == "gpt_neo":
         if config.attn_scale != 1.0:
             raise UserError(f"attention scale {config.attn_scale} exists in neither GPT-2 nor GPT-Neo; cannot export")
         if any(bool(block.attn.qkv.bias.detach().any()) for block in model.blocks):
             raise UserError("GPT-Neo has no q/k/v biases, and this model's are not zero; cannot export to GPT-Neo")
-        layers = ["local" if i in config.local_layers else "global" for i in range(config.n_layer)]
-        hf_config = transformers.GPTNeoConfig(
-            vocab_size=config.vocab_size,
-            max_position_embeddings=config.context_length,
-            hidden_size=config.d_model,
-            num_layers=config.n_layer,
-            num_heads=config.n_head,
-            attention_types=[[[layer], 1] for layer in layers],
-            window_size=config.local_window or 256,
-            activation_function="gelu_new",
-            resid_dropout=config.dropout,
-            embed_dropout=config.dropout,
-            attention_dropout=config.dropout,
-            tie_word_embeddings=config.tied_embeddings,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        hf = transformers.GPTNeoForCausalLM(hf_config)
-        for i, block in enumerate(model.blocks):
-            prefix = f"transformer.h.{i}."
-            q, k, v = block.attn.qkv.weight.chunk(3)
-            state |= {
-                prefix + "attn.attention.q_proj.weight": q,
-                prefix + "attn.attention.k_proj.weight": k,
-                prefix + "attn.attention.v_proj.weight": v,
-                prefix + "attn.attention.out_proj.weight": block.attn.proj.weight,
-                prefix + "attn.attention.out_proj.bias": block.attn.proj.bias,
-            }
-            state |= _norms_and_mlp(prefix, block, transpose=False)
+        hf = transformers.GPTNeoForCausalLM(_neo_config(config))
+    elif kind == "llama":
+        hf = transformers.LlamaForCausalLM._from_config(_llama_config(config), attn_implementation="sdpa")
     else:
-        hf_config = transformers.GPT2Config(
-            vocab_size=config.vocab_size,
-            n_positions=config.context_length,
-            n_embd=config.d_model,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            activation_function="gelu_new",
-            layer_norm_epsilon=1e-5,
-            resid_pdrop=config.dropout,
-            embd_pdrop=config.dropout,
-            attn_pdrop=config.dropout,
-            tie_word_embeddings=config.tied_embeddings,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        hf = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
-        for i, block in enumerate(model.blocks):
-            prefix = f"transformer.h.{i}."
-            # transformers' GPT-2 uses Conv1D layers, which store weights as (in, out)
-            state |= {
-                prefix + "attn.c_attn.weight": block.attn.qkv.weight.T,
-                prefix + "attn.c_attn.bias": block.attn.qkv.bias,
-                prefix + "attn.c_proj.weight": block.attn.proj.weight.T,
-                prefix + "attn.c_proj.bias": block.attn.proj.bias,
-            }
-            state |= _norms_and_mlp(prefix, block, transpose=True)
-    return _load(hf, state, model)
+        hf = transformers.GPT2LMHeadModel._from_config(_gpt2_config(config), attn_implementation="sdpa")
+    return _load(hf, to_hf_state(model, kind), model)
+
+
+def _gpt2_config(config: ModelConfig):
+    import transformers
+
+    return transformers.GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.context_length,
+        n_embd=config.d_model,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        tie_word_embeddings=config.tied_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def _neo_config(config: ModelConfig):
+    import transformers
+
+    layers = ["local" if i in config.local_layers else "global" for i in range(config.n_layer)]
+    return transformers.GPTNeoConfig(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.context_length,
+        hidden_size=config.d_model,
+        num_layers=config.n_layer,
+        num_heads=config.n_head,
+        attention_types=[[[layer], 1] for layer in layers],
+        window_size=config.local_window or 256,
+        activation_function="gelu_new",
+        resid_dropout=config.dropout,
+        embed_dropout=config.dropout,
+        attention_dropout=config.dropout,
+        tie_word_embeddings=config.tied_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def _llama_config(config: ModelConfig):
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.mlp_hidden,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_size,
+        max_position_embeddings=config.context_length,
+        rms_norm_eps=1e-5,
+        rope_theta=config.rope_theta,
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
+        tie_word_embeddings=config.tied_embeddings,
+        attention_dropout=config.dropout,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
 
 
 def _load(hf, state: dict[str, torch.Tensor], model: GPT):
@@ -162,82 +244,17 @@ def _load(hf, state: dict[str, torch.Tensor], model: GPT):
     return hf.to(model.wte.weight.device).eval()
 
 
-def _llama_state(model: GPT) -> dict[str, torch.Tensor]:
-    config = model.config
-    state = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.ln_f.weight}
-    if model.lm_head is not None:
-        state["lm_head.weight"] = model.lm_head.weight
-    kv = config.kv_heads * config.head_size
-    for i, block in enumerate(model.blocks):
-        prefix, attn, mlp = f"model.layers.{i}.", block.attn, block.mlp
-        linears = {
-            "self_attn.q_proj": (attn.qkv, 0, config.d_model),
-            "self_attn.k_proj": (attn.qkv, config.d_model, config.d_model + kv),
-            "self_attn.v_proj": (attn.qkv, config.d_model + kv, config.d_model + 2 * kv),
-            "self_attn.o_proj": (attn.proj, 0, config.d_model),
-            "mlp.gate_proj": (mlp.up, 0, config.mlp_hidden),  # our `up` holds gate, then value
-            "mlp.up_proj": (mlp.up, config.mlp_hidden, 2 * config.mlp_hidden),
-            "mlp.down_proj": (mlp.down, 0, config.d_model),
-        }
-        for name, (linear, start, end) in linears.items():
-            state[f"{prefix}{name}.weight"] = linear.weight[start:end]
-            if linear.bias is not None:
-                state[f"{prefix}{name}.bias"] = linear.bias[start:end]
-        state[prefix + "input_layernorm.weight"] = block.ln_1.weight
-        state[prefix + "post_attention_layernorm.weight"] = block.ln_2.weight
-    return state
-
-
-def _norms_and_mlp(prefix: str, block: torch.nn.Module, transpose: bool) -> dict[str, torch.Tensor]:
-    def weight(linear: torch.nn.Linear) -> torch.Tensor:
-        return linear.weight.T if transpose else linear.weight
-
-    return {
-        prefix + "ln_1.weight": block.ln_1.weight,
-        prefix + "ln_1.bias": block.ln_1.bias,
-        prefix + "ln_2.weight": block.ln_2.weight,
-        prefix + "ln_2.bias": block.ln_2.bias,
-        prefix + "mlp.c_fc.weight": weight(block.mlp.up),
-        prefix + "mlp.c_fc.bias": block.mlp.up.bias,
-        prefix + "mlp.c_proj.weight": weight(block.mlp.down),
-        prefix + "mlp.c_proj.bias": block.mlp.down.bias,
-    }
-
-
+# -- import ------------------------------------------------------------------------------------------
 def from_transformers(hf) -> GPT:
     """Our model with the weights of a transformers GPT-2 or GPT-Neo causal LM."""
-    hf_config = hf.config
-    if hf_config.model_type == "gpt2":
-        config = ModelConfig(
-            vocab_size=hf_config.vocab_size,
-            d_model=hf_config.n_embd,
-            n_layer=hf_config.n_layer,
-            n_head=hf_config.n_head,
-            context_length=hf_config.n_positions,
-        )
-    elif hf_config.model_type == "gpt_neo":
-        local = tuple(i for i, kind in enumerate(hf_config.attention_layers) if kind == "local")
-        config = ModelConfig(
-            vocab_size=hf_config.vocab_size,
-            d_model=hf_config.hidden_size,
-            n_layer=hf_config.num_layers,
-            n_head=hf_config.num_heads,
-            context_length=hf_config.max_position_embeddings,
-            attn_scale=1.0,
-            local_window=hf_config.window_size if local else None,
-            local_layers=local,
-        )
-    else:
-        raise UserError(f"unsupported architecture {hf_config.model_type!r}; supported: {', '.join(SUPPORTED)}")
-    activation = getattr(hf_config, "activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-        raise UserError(f"unsupported activation {activation!r}; supported: gelu_new, gelu_pytorch_tanh, gelu")
-    config = ModelConfig.from_dict({**config.to_dict(), "activation": "gelu" if activation == "gelu" else "gelu_tanh"})
+    config = _our_config(hf.config)
     model = GPT(config)
-    source = hf.state_dict()
     target = model.state_dict()
     with torch.no_grad():
-        for name, tensor in _our_names(source, config).items():
+        for name, tensor in from_hf_state(hf.state_dict(), hf.config.model_type, config).items():
+            if tensor is None:
+                target[name].zero_()
+                continue
             if target[name].shape != tensor.shape:
                 raise UserError(
                     f"tensor {name} has shape {tuple(tensor.shape)} in the transformers model, but the "
@@ -247,51 +264,30 @@ def from_transformers(hf) -> GPT:
     return model.eval()
 
 
-def _our_names(source: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    def get(name: str) -> torch.Tensor:
-        if name not in source:
-            raise UserError(f"the transformers model has no tensor {name}; it does not match its config")
-        return source[name]
-
-    out = {
-        "wte.weight": get("transformer.wte.weight"),
-        "wpe.weight": get("transformer.wpe.weight"),
-        "ln_f.weight": get("transformer.ln_f.weight"),
-        "ln_f.bias": get("transformer.ln_f.bias"),
-    }
-    neo = _is_neo(config)
-    for i in range(config.n_layer):
-        hf, ours = f"transformer.h.{i}.", f"blocks.{i}."
-        for norm in ("ln_1", "ln_2"):
-            out[f"{ours}{norm}.weight"], out[f"{ours}{norm}.bias"] = get(f"{hf}{norm}.weight"), get(f"{hf}{norm}.bias")
-        if neo:
-            attention = hf + "attn.attention."
-            out[ours + "attn.qkv.weight"] = torch.cat([get(attention + f"{p}_proj.weight") for p in "qkv"])
-            out[ours + "attn.qkv.bias"] = torch.zeros(3 * config.d_model)
-            out[ours + "attn.proj.weight"] = get(attention + "out_proj.weight")
-            out[ours + "attn.proj.bias"] = get(attention + "out_proj.bias")
-        else:
-            out[ours + "attn.qkv.weight"], out[ours + "attn.qkv.bias"] = (
-                get(hf + "attn.c_attn.weight").T,
-                get(hf + "attn.c_attn.bias"),
-            )
-            out[ours + "attn.proj.weight"], out[ours + "attn.proj.bias"] = (
-                get(hf + "attn.c_proj.weight").T,
-                get(hf + "attn.c_proj.bias"),
-            )
-        for hf_name, name in (("c_fc", "up"), ("c_proj", "down")):
-            weight = get(f"{hf}mlp.{hf_name}.weight")
-            out[f"{ours}mlp.{name}.weight"] = weight if neo else weight.T  # GPT-2's Conv1D is (in, out)
-            out[f"{ours}mlp.{name}.bias"] = get(f"{hf}mlp.{hf_name}.bias")
-    return out
+def _our_config(hf_config) -> ModelConfig:
+    """The ModelConfig that computes what a transformers GPT-2 or GPT-Neo config describes."""
+    if hf_config.model_type == "gpt2":
+        config = ModelConfig(vocab_size=hf_config.vocab_size, d_model=hf_config.n_embd, n_layer=hf_config.n_layer,
+                             n_head=hf_config.n_head, context_length=hf_config.n_positions)  # fmt: skip
+    elif hf_config.model_type == "gpt_neo":
+        local = tuple(i for i, kind in enumerate(hf_config.attention_layers) if kind == "local")
+        config = ModelConfig(vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size,
+                             n_layer=hf_config.num_layers, n_head=hf_config.num_heads,
+                             context_length=hf_config.max_position_embeddings, attn_scale=1.0,
+                             local_window=hf_config.window_size if local else None, local_layers=local)  # fmt: skip
+    else:
+        raise UserError(f"unsupported architecture {hf_config.model_type!r}; supported: {', '.join(SUPPORTED)}")
+    activation = getattr(hf_config, "activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise UserError(f"unsupported activation {activation!r}; supported: gelu_new, gelu_pytorch_tanh, gelu")
+    return ModelConfig.from_dict({**config.to_dict(), "activation": "gelu" if activation == "gelu" else "gelu_tanh"})
 
 
 def load_pretrained(name: str | os.PathLike) -> tuple[GPT, Tokenizer, dict]:
     """Our model and tokenizer from a transformers directory or hub id (GPT-2 or GPT-Neo)."""
     import transformers
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
-    if not Path(name).exists() and not offline and not hub_reachable():
+    if not Path(name).exists() and not hub.offline() and not hub.hub_reachable():
         raise UserError(f"cannot reach the Hugging Face hub to load {name}; pass a local transformers model folder")
     try:
         hf_config = transformers.AutoConfig.from_pretrained(name)
@@ -374,18 +370,11 @@ def export(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
         model_max_length=model.config.context_length,
         clean_up_tokenization_spaces=False,
     )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     transformers.utils.logging.disable_progress_bar()  # its bars on stderr would bury our one-line messages
     try:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer.save_pretrained(tmp)
-    except BaseException as error:  # e.g. disk full: leave no half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, SafetensorError):  # how safetensors reports a failed write
-            raise write_error(error, out) from error
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+        with atomic.staging_dir(out, sync=False) as tmp:  # an empty folder at `out` is replaced
+            hf.save_pretrained(tmp, safe_serialization=True)
+            hf_tokenizer.save_pretrained(tmp)
+    except SafetensorError as error:  # how safetensors reports a failed write, e.g. a full disk
+        raise write_error(error, out) from error
     return out

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_text
 from .errors import UserError
 from .grading import Judge
-from .metrics import write_text_atomic
 from .prompts import load_prompts
 from .story_metrics import Completion
 
@@ -158,8 +158,8 @@ def _completions(teller, prompts: list[str], config: JudgeConfig, out: Path) -> 
         return old, True
     completions = _generate(teller, prompts, config)
     lines = "".join(json.dumps(asdict(c)) + "\n" for c in completions)
-    write_text_atomic(out / COMPLETIONS, lines)
-    write_text_atomic(out / GENERATION, json.dumps(key, indent=2))
+    write_text(out / COMPLETIONS, lines)
+    write_text(out / GENERATION, json.dumps(key, indent=2))
     return completions, False
 
 

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .metrics import write_text_atomic
+from .atomic import write_text
 from .story_metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Completion, summary
 
 FORMAT_VERSION = 1
@@ -81,10 +81,10 @@ def write_reports(out: Path, completions: list[Completion], records: list[dict],
     lines = "".join(json.dumps({**asdict(c), "metrics": {k: v for k, v in r.items() if k != "grade"},
                                 "grade": r.get("grade")}) + "\n"
                     for c, r in zip(completions, records, strict=True))  # fmt: skip
-    write_text_atomic(out / "completions.jsonl", lines)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    write_text_atomic(out / "report.md", render_markdown(report, completions))
-    write_text_atomic(out / "report.html", render_html(report, completions, records))
+    write_text(out / "completions.jsonl", lines)
+    write_text(out / "report.json", json.dumps(report, indent=2))
+    write_text(out / "report.md", render_markdown(report, completions))
+    write_text(out / "report.html", render_html(report, completions, records))
 
 
 def cell(stat: dict | None, digits: int = 3) -> str:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import atomic
 from .errors import UserError
 
 METRICS, LOG, PLOT = "metrics.jsonl", "train.log", "loss.png"
+
+write_text_atomic = atomic.write_text  # the name older code imports from here
 
 
 class RunLog:
@@ -24,7 +26,7 @@ class RunLog:
             # Keep what led up to the checkpoint; steps after it will be trained (and logged) again.
             old = [_parse(line) for line in path.read_text(errors="replace").splitlines() if line.strip()]
             self.records = [r for r in old if r is not None and r["step"] <= resume_step]
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.metrics = open(path, "a")  # noqa: SIM115 - closed in close()
         self.log_file = open(run_dir / LOG, "a")  # noqa: SIM115 - closed in close()
         self.wandb = _start_wandb(run_dir, wandb_config) if wandb_config is not None else None
@@ -78,7 +80,7 @@ def _start_wandb(run_dir: Path, config: dict):
         raise UserError("--wandb needs Weights & Biases: pip install 'gpt-tinystories[wandb]'") from None
     id_file = run_dir / "wandb-id.txt"  # the same W&B run continues when training resumes
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
+    atomic.write_text(id_file, run_id)
     return wandb.init(project=config.get("wandb_project"), config=config, dir=str(run_dir), id=run_id,
                       resume="allow", name=run_dir.name)  # fmt: skip
 
@@ -91,18 +93,13 @@ def _parse(line: str) -> dict | None:
         return None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_figure(fig, path: Path) -> None:
     """Save a matplotlib figure under a temporary name, then rename it into place, and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic.replacing(path, keep_suffix=True) as tmp:  # matplotlib reads the format from the suffix
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .atomic import staging_dir
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -152,32 +153,27 @@ def build(source: str | os.PathLike, out: str | os.PathLike, split: str = "train
     stories = iter_stories(source, split)  # a bad source fails here, before anything is written
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "buckets").mkdir(parents=True)
     started = time.perf_counter()
     total = None if is_hub_id(source) else sum(p.stat().st_size for p in find_files(source))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="index n-grams", leave=False,
                disable=None if progress else True)  # fmt: skip
     try:
-        writer = _BucketWriter(tmp / "buckets", buffer_ngrams)
-        counts = _hash_stories(stories, n, writer, bar)
-        writer.flush()
-        distinct = writer.merge(tmp / HASHES)
-        shutil.rmtree(tmp / "buckets")
-        if counts["stories"] == 0:
-            raise UserError(f"no stories found in {source}; pass the training stories")
-        (tmp / VOCAB).write_text(json.dumps(counts.pop("vocab")))
-        meta = {"format": FORMAT_VERSION, "key": index_key(source, split, n), "n": n, "source": str(source),
-                "split": split, **counts, "distinct_ngrams": distinct, "bytes": distinct * 8,
-                "peak_buffer_ngrams": buffer_ngrams, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with staging_dir(out) as tmp:  # the whole folder appears at once, or not at all
+            (tmp / "buckets").mkdir()
+            writer = _BucketWriter(tmp / "buckets", buffer_ngrams)
+            counts = _hash_stories(stories, n, writer, bar)
+            writer.flush()
+            distinct = writer.merge(tmp / HASHES)
+            shutil.rmtree(tmp / "buckets")
+            if counts["stories"] == 0:
+                raise UserError(f"no stories found in {source}; pass the training stories")
+            (tmp / VOCAB).write_text(json.dumps(counts.pop("vocab")))
+            meta = {"format": FORMAT_VERSION, "key": index_key(source, split, n), "n": n, "source": str(source),
+                    "split": split, **counts, "distinct_ngrams": distinct, "bytes": distinct * 8,
+                    "buffer_ngrams": buffer_ngrams, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+            (tmp / META).write_text(json.dumps(meta, indent=2))
     finally:
         bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     return NGramIndex(out)
 
 

@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkpoint import is_checkpoint, load_meta
+from .checkpoint import RunMeta, is_checkpoint
 from .config import PRESETS
 from .errors import UserError
 from .generate import Sampling, Storyteller, TextStream, decode
@@ -249,19 +249,19 @@ def model_info(teller: Storyteller) -> dict[str, Any]:
     """What /api/model reports: where the model came from, its shape, tokenizer and training progress."""
     model, tokenizer = teller.model, teller.tokenizer
     config = model.config
-    meta = load_meta(teller.source) if teller.source and is_checkpoint(teller.source) else {}
+    meta = RunMeta.read(teller.source) if teller.source and is_checkpoint(teller.source) else RunMeta()
     shape = {"d_model": config.d_model, "n_layer": config.n_layer, "n_head": config.n_head}
     preset = next((name for name, values in PRESETS.items() if values == shape), None)
     return {
         "source": teller.source,
         "preset": preset,  # None: a shape of its own
-        "trained_as": meta.get("train_config", {}).get("preset"),
+        "trained_as": meta.train_config.get("preset"),
         "parameters": model.num_parameters(),
         "config": config.to_dict(),
         "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
         "device": str(model.wte.weight.device),
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-        "training": {key: meta.get(key) for key in ("step", "tokens", "val_loss", "best_val_loss")},
+        "training": {key: getattr(meta, key) for key in ("step", "tokens", "val_loss", "best_val_loss")},
     }
 
 
@@ -280,33 +280,14 @@ def create_app(teller: Storyteller, limits: Limits | None = None) -> FastAPI:
     app = FastAPI(title="gpt-tinystories playground", lifespan=lifespan)
     app.state.worker = worker
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = [f"{_field_name(e['loc'])}: {e['msg']}" for e in error.errors()]
-        return JSONResponse({"error": "; ".join(problems), "detail": _jsonable(error.errors())}, status_code=422)
-
-    @app.exception_handler(Busy)
-    async def busy(request: Request, error: Busy) -> JSONResponse:
-        return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Busy, _busy)
+    _add_info_routes(app, worker, info, page)
 
     def submit(body: BaseModel) -> Job:
         job = Job(body, asyncio.get_running_loop())
         worker.submit(job)
         return job
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def playground() -> str:
-        return page
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "busy": worker.current is not None, "queued": worker.queued,
-                "completed": worker.completed, "cancelled": worker.cancelled,
-                "tokens_generated": worker.tokens_generated}  # fmt: skip
-
-    @app.get("/api/model")
-    async def model() -> dict:
-        return info
 
     @app.post("/api/generate")
     async def generate(body: CompletionRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
@@ -340,6 +321,33 @@ def create_app(teller: Storyteller, limits: Limits | None = None) -> FastAPI:
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
     return app
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = [f"{_field_name(e['loc'])}: {e['msg']}" for e in error.errors()]
+    return JSONResponse({"error": "; ".join(problems), "detail": _jsonable(error.errors())}, status_code=422)
+
+
+async def _busy(request: Request, error: Busy) -> JSONResponse:
+    return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
+
+
+def _add_info_routes(app: FastAPI, worker: StoryWorker, info: dict, page: str) -> None:
+    """The page, /health and /api/model: everything that does not generate."""
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "busy": worker.current is not None, "queued": worker.queued,
+                "completed": worker.completed, "cancelled": worker.cancelled,
+                "tokens_generated": worker.tokens_generated}  # fmt: skip
+
+    @app.get("/api/model")
+    async def model() -> dict:
+        return info
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:

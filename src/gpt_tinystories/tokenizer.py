@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from . import atomic
 from .errors import UserError
 
 EOS = "<|endoftext|>"
@@ -93,9 +94,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.backend.to_str(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, self.backend.to_str())
         return path
 
     # -- use -------------------------------------------------------------------------------------

@@ -3,36 +3,39 @@
 `train(config, run_dir)` is the whole job: tokenizer, data, model, loop, evaluation, checkpoints. Every batch
 is a pure function of (seed, step), and the weights, optimizer and RNG state are checkpointed together, so a
 resumed CPU run reproduces an uninterrupted one bit for bit.
+
+It is built from small parts: `_set_up()` returns a `Run` (everything fixed for the run: data, model,
+optimizers, `Evaluator`, `Checkpointer`, log) and a `TrainState` (where the run is); `train_step()` is one
+optimizer step; `_loop()` repeats it until the budget is spent or a signal arrives, evaluating and
+checkpointing on schedule through `_report()`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import atomic, checkpoint
+from .checkpoint import Checkpointer
 from .config import ModelConfig, TrainConfig, parse_duration
 from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
 from .distributed import DataParallelLoss, Distributed
 from .errors import UserError
-from .evaluate import evaluate, gpt2_tokens_scored
-from .generate import Sampling, generate
-from .metrics import LOG, METRICS, PLOT, RunLog, write_text_atomic
+from .evaluate import Evaluator
+from .metrics import LOG, METRICS, PLOT, RunLog
 from .model import GPT
 from .runtime import autocast_for, keep_freed_memory, peak_memory_mb
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
-SAMPLE_PROMPT = "One day, a little girl named Lily found a needle in her room."
 BPE_TRAINING_CHARS = 200_000_000  # a 4096-token BPE needs far less text than the whole dataset
 
 
@@ -43,7 +46,7 @@ class TrainResult:
     tokens: int
     val_loss: float | None
     val_bpb: float | None
-    sample: str | None  # the model's continuation of SAMPLE_PROMPT at the last evaluation
+    sample: str | None  # evaluate.SAMPLE_PROMPT and its continuation at the last evaluation
     stopped_by_signal: int | None = None
     rank: int = 0  # under torchrun, only rank 0 evaluates, saves and reports
 
@@ -158,36 +161,14 @@ class _Budget:
         )
 
 
-def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from, if any; refuses a run dir that holds a run of other settings."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file; choose a folder for the run")
-    _refuse_escapes(run_dir)
-    latest = checkpoint.latest(run_dir)
-    if latest is None:
-        if resume:
-            raise UserError(f"--resume: {run_dir} holds no checkpoint; drop --resume to start a new run there")
-        return None
-    saved = TrainConfig.from_dict(checkpoint.load_meta(latest)["train_config"], source=str(latest))
-    changed = [
-        f.name
-        for f in fields(TrainConfig)
-        if getattr(saved, f.name) != getattr(config, f.name) and f.name not in TrainConfig.RESUMABLE_CHANGES
-    ]
-    if changed:
-        diff = ", ".join(f"{name} {getattr(saved, name)!r} -> {getattr(config, name)!r}" for name in changed)
-        raise UserError(
-            f"{run_dir} holds a checkpoint of a different config ({diff}); pass another --out for a "
-            "new run, or the same settings to resume this one"
-        )
-    return latest
-
-
 RUN_DIR_OUTPUTS = ("config.json", TOKENIZER_FILE, METRICS, LOG, PLOT, "wandb-id.txt", "wandb", checkpoint.CHECKPOINTS)
 
 
-def _refuse_escapes(run_dir: Path) -> None:
-    """A symlink among the run dir's outputs would make training write (and prune) outside it: refuse it."""
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run dir that is a file, or whose outputs are symlinks out of it (training would write, and
+    prune, outside it)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; choose a folder for the run")
     root = run_dir.resolve()
     paths = [run_dir / name for name in RUN_DIR_OUTPUTS]
     if (run_dir / checkpoint.CHECKPOINTS).is_dir():
@@ -200,281 +181,315 @@ def _refuse_escapes(run_dir: Path) -> None:
             )
 
 
+# -- the run: what is set up once, and where it is ------------------------------------------------
+@dataclass
+class Run:
+    """Everything fixed for the length of a run, built by `_set_up()`."""
+
+    config: TrainConfig
+    run_dir: Path
+    world: Distributed
+    tokenizer: Tokenizer
+    model: GPT
+    eval_model: GPT  # the model itself, or under FSDP rank 0's gathered copy
+    loss_fn: DataParallelLoss
+    optimizers: list[torch.optim.Optimizer]
+    train_windows: TokenWindows
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    budget: _Budget
+    accumulation: int  # micro-steps per optimizer step
+    windows_per_step: int  # over all ranks
+    precision: str
+    autocast: contextlib.AbstractContextManager
+    log: RunLog | _Silent
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.windows_per_step * self.config.context_length
+
+
+@dataclass
+class TrainState:
+    """Where the run is. The first four fields are what a checkpoint records and a resumed run restores."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient: in all,
+    bad_in_a_row: int = 0  # and the current streak
+    last_saved: int = -1  # the step of the newest checkpoint (resumed from or written), -1 for none
+    last_eval: int = -1
+    val_loss: float | None = None  # the last evaluation's figures
+    val_bpb: float | None = None
+    sample: str | None = None
+    session_step: int = 0  # where this process started, for its tokens/s
+    session_start: float = field(default_factory=time.perf_counter)
+
+    def advance(self, bad: bool, seconds: float) -> None:
+        """Count a finished step; one whose update was skipped still counts (its batch is used up)."""
+        self.step += 1
+        self.skipped, self.bad_in_a_row = self.skipped + bad, self.bad_in_a_row + 1 if bad else 0
+        self.train_seconds += seconds
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # summed over micro-steps, on this rank
+    grad_norm: torch.Tensor
+    lr: float
+    bad: bool  # a non-finite loss or gradient on some rank: the update was skipped
+
+
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) a model into `run_dir`. Every check that can fail runs before anything is written."""
     config = config.resolved()
     run_dir = Path(run_dir)
     world = Distributed.setup(config.device)
     try:
-        return _train(config, run_dir, resume, progress, world)
+        run, state = _set_up(config, run_dir, resume, progress, world)
+        return _loop(run, state, progress)
     finally:
         world.teardown()
 
 
-def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, world: Distributed) -> TrainResult:
-    device = world.device
+def _set_up(
+    config: TrainConfig, run_dir: Path, resume: bool, progress: bool, world: Distributed
+) -> tuple[Run, TrainState]:
+    """Everything the loop needs, in an order where every check that can fail comes before the first write."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    if device.type == "cpu":
+    if world.device.type == "cpu":
         keep_freed_memory()
-    resume_from = check_run_dir(run_dir, config, resume)
-    meta = checkpoint.load_meta(resume_from) if resume_from else None
-
-    # Model shape and tokenizer: from the checkpoint being resumed, the weights to start from, or the config.
-    init_model = None
-    if meta is not None:
-        tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
-        if tokenizer.hash != meta["tokenizer"]["hash"]:
-            raise UserError(f"{run_dir / TOKENIZER_FILE} is not the tokenizer of checkpoint {resume_from}; restore it")
-        model_config = ModelConfig.from_dict(meta["model_config"])
-    elif config.init_from is not None:
-        init_model, tokenizer, _ = checkpoint.load_model(config.init_from)
-        model_config = replace(init_model.config, dropout=config.dropout)
-    else:
-        tokenizer = load_tokenizer(config.tokenizer, config.data)
-        model_config = config.model_config(tokenizer.vocab_size)
+    check_run_dir(run_dir)
+    checkpointer = Checkpointer(run_dir, config.keep_last)
+    meta = checkpointer.resume_point(config, required=resume)
+    tokenizer, model_config, init_model = _model_source(config, checkpointer)
     if config.context_length > model_config.context_length:
         raise UserError(f"context_length {config.context_length} exceeds the model's {model_config.context_length}")
-    with world.main_first():  # rank 0 prepares (and caches) the data; the others then find it
-        train_data = prepare(config.data, tokenizer, split="train", progress=progress and world.is_main)
-    train_data.check_tokenizer(tokenizer)
-    if config.val_data is not None or is_hub_id(config.data):  # a validation source, or the hub's split
-        with world.main_first():
-            val_data = prepare(
-                config.val_data or config.data, tokenizer, "validation", progress=progress and world.is_main
-            )
-        val_data.check_tokenizer(tokenizer)
-        train_tokens, val_tokens = train_data.tokens(), val_data.tokens()
-    else:  # hold out the tail of local data
-        train_tokens, val_tokens = train_data.holdout(config.val_fraction)
-    context = config.context_length
-    train_windows = TokenWindows(train_tokens, context, seed=config.seed, name=f"training data {config.data}")
-    val_windows = TokenWindows(val_tokens, context, seed=None, name="validation data")
-    world_size, rank = world.world_size, world.rank
-    if config.batch_size * world_size > len(train_windows):
-        raise UserError(
-            f"batch_size {config.batch_size} exceeds the {len(train_windows)} windows of {context + 1} "
-            "tokens in the training data; use a smaller batch_size or context_length, or more data"
-        )
-    accumulation = math.ceil(config.tokens_per_step / (config.batch_size * context * world_size))
-    windows_per_step = accumulation * config.batch_size * world_size
-    tokens_per_step = windows_per_step * context
-    budget = _Budget(config, tokens_per_step, windows_per_step, len(train_windows))
-
-    # Model, optimizer, state.
-    torch.manual_seed(config.seed)
-    model = GPT(model_config).to(device)
-    if init_model is not None:
-        model.load_state_dict(init_model.state_dict())
-    step, train_seconds, best_val, state = 0, 0.0, math.inf, None
-    skipped = bad_in_a_row = 0  # steps skipped for a non-finite loss or gradient: in all, and the current streak
-    if meta is not None:
-        checkpoint.load_weights(resume_from, model)
-        state = checkpoint.load_trainer_state(resume_from)
-        torch.set_rng_state(state["rng"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        step, train_seconds = meta["step"], meta["train_seconds"]
-        skipped, bad_in_a_row = meta.get("skipped_steps", 0), meta.get("bad_steps_in_a_row", 0)
-        best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
-        precision = meta["precision"]
-    else:
-        measured = choose_precision(config.precision, device, model, train_windows.batch(0, config.batch_size))
-        precision = world.broadcast(measured)  # every rank must compute alike
-    autocast = autocast_for(device, precision)
+    train_windows, val_windows = _load_data(config, tokenizer, world, progress)
+    accumulation = _accumulation(config, world, len(train_windows))
+    windows_per_step = accumulation * config.batch_size * world.world_size
+    budget = _Budget(config, windows_per_step * config.context_length, windows_per_step, len(train_windows))
+    state = TrainState()
+    if meta is not None:  # where the checkpoint left off
+        state = TrainState(step=meta.step, train_seconds=meta.train_seconds, skipped=meta.skipped_steps,
+                           bad_in_a_row=meta.bad_steps_in_a_row, last_saved=meta.step)  # fmt: skip
+    model, precision, optimizer_state = _build_model(config, model_config, init_model, checkpointer, world,
+                                                     train_windows)  # fmt: skip
     if config.optimizer == "muon" and config.fsdp and world.distributed:
         raise UserError("--optimizer muon orthogonalises whole matrices, which FSDP shards; use DDP (drop --fsdp)")
     loss_fn = DataParallelLoss(model, world, fsdp=config.fsdp, compile=config.compile)  # shards under FSDP
-    optimizers = make_optimizers(model, config, device)
-    if state is not None:
-        loss_fn.load_optimizer_state(optimizers, state["optimizer"])
-    eval_model = GPT(model_config).to(device) if loss_fn.fsdp and world.is_main else model
+    optimizers = make_optimizers(model, config, world.device)
+    if optimizer_state is not None:
+        loss_fn.load_optimizer_state(optimizers, optimizer_state)
+    eval_model = GPT(model_config).to(world.device) if loss_fn.fsdp and world.is_main else model
+    autocast = autocast_for(world.device, precision)
+    evaluator = Evaluator(val_windows, tokenizer, config.batch_size, config.eval_batches, world.device, autocast)
+    checkpointer.start(config, model_config, precision, tokenizer, world.device)
+    run = Run(config, run_dir, world, tokenizer, model, eval_model, loss_fn, optimizers, train_windows, evaluator,
+              checkpointer, budget, accumulation, windows_per_step, precision, autocast, _Silent())  # fmt: skip
+    if world.is_main:  # only now touch the run dir, and only from rank 0
+        run.log = _start_run_dir(run, meta.step if meta else None)
+    return run, state
 
-    # Only now touch the run dir, and only from rank 0.
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(run_dir)
-        resolved = {
-            "train": config.to_dict(),
-            "model": model_config.to_dict(),
-            "precision": precision,
-            "accumulation": accumulation,
-            "tokens_per_step": tokens_per_step,
-            "total_steps": budget.total_steps,
-        }
-        write_text_atomic(run_dir / "config.json", json.dumps(resolved, indent=2))
-        log = RunLog(run_dir, meta["step"] if meta else None, config.to_dict() if config.wandb else None)
+
+def _model_source(config: TrainConfig, checkpointer: Checkpointer) -> tuple[Tokenizer, ModelConfig, GPT | None]:
+    """Model shape and tokenizer: from the checkpoint being resumed, the weights to start from, or the config."""
+    if checkpointer.resumed is not None:
+        return checkpointer.resumed_tokenizer(), checkpointer.resumed.model_config, None
+    if config.init_from is not None:
+        init_model, tokenizer, _ = checkpoint.load_model(config.init_from)
+        return tokenizer, replace(init_model.config, dropout=config.dropout), init_model
+    tokenizer = load_tokenizer(config.tokenizer, config.data)
+    return tokenizer, config.model_config(tokenizer.vocab_size), None
+
+
+def _load_data(
+    config: TrainConfig, tokenizer: Tokenizer, world: Distributed, progress: bool
+) -> tuple[TokenWindows, TokenWindows]:
+    """Training windows in a seeded order, validation windows in order: a validation source, the hub's
+    validation split, or else the held-out tail of local data. Rank 0 prepares (and caches) the data first."""
+    show = progress and world.is_main
+    with world.main_first():
+        train_data = prepare(config.data, tokenizer, split="train", progress=show)
+    train_data.check_tokenizer(tokenizer)
+    if config.val_data is not None or is_hub_id(config.data):
+        with world.main_first():
+            val_data = prepare(config.val_data or config.data, tokenizer, "validation", progress=show)
+        val_data.check_tokenizer(tokenizer)
+        train_tokens, val_tokens = train_data.tokens(), val_data.tokens()
     else:
-        log = _Silent()
-    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
-    prompt = [tokenizer.eos_id, *tokenizer.encode(SAMPLE_PROMPT)]  # stories follow EOS in the data
-    tokenizer_json = tokenizer.backend.to_str()
+        train_tokens, val_tokens = train_data.holdout(config.val_fraction)
+    context = config.context_length
+    train_windows = TokenWindows(train_tokens, context, seed=config.seed, name=f"training data {config.data}")
+    return train_windows, TokenWindows(val_tokens, context, seed=None, name="validation data")
 
-    def save(val_loss: float | None, weights: dict, optimizer_state: dict) -> None:
-        nonlocal best_val
-        best = min(best_val, val_loss if val_loss is not None else math.inf)
-        ckpt_meta = {
-            "step": step,
-            "tokens": step * tokens_per_step,
-            "train_seconds": train_seconds,
-            "skipped_steps": skipped,
-            "bad_steps_in_a_row": bad_in_a_row,
-            "val_loss": val_loss,
-            "best_val_loss": best if math.isfinite(best) else None,
-            "precision": precision,
-            "model_config": model_config.to_dict(),
-            "train_config": config.to_dict(),
-            "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "file": TOKENIZER_FILE},
-        }
-        trainer_state = {"optimizer": optimizer_state, "rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            trainer_state["cuda"] = torch.cuda.get_rng_state_all()
-        files = {TOKENIZER_FILE: tokenizer_json}  # each checkpoint folder is self-contained
-        root = run_dir / checkpoint.CHECKPOINTS
-        checkpoint.save(root / f"step-{step:06d}", weights, ckpt_meta, trainer_state, files)
-        checkpoint.prune(run_dir, config.keep_last)
-        if val_loss is not None and val_loss < best_val:
-            best_val = val_loss
-            checkpoint.save(root / "best", weights, {**ckpt_meta, "best_val_loss": val_loss}, None, files)
 
-    val_gpt2_tokens: list[int] = []
-
-    def evaluate_and_sample(weights: dict) -> tuple[float, float, str]:
-        if eval_model is not model:  # FSDP: rank 0 evaluates a gathered copy
-            eval_model.load_state_dict(weights)
-        result = evaluate(eval_model, val_windows, token_bytes, config.batch_size, config.eval_batches, autocast)
-        if not val_gpt2_tokens:  # the same windows every time: count their text's GPT-2 tokens once
-            val_gpt2_tokens.append(gpt2_tokens_scored(result, val_windows, tokenizer))
-        result.gpt2_tokens = val_gpt2_tokens[0]
-        generator = torch.Generator(device).manual_seed(config.seed)  # sampling leaves the run's RNG alone
-        with autocast:
-            (story,) = generate(eval_model, [prompt], config.sample_tokens, Sampling(0.8, top_k=50), tokenizer.eos_id,
-                                generator)  # fmt: skip
-        text = tokenizer.decode(prompt[1:] + story)
-        log.record(
-            {
-                "kind": "eval",
-                "step": step,
-                "tokens": step * tokens_per_step,
-                "val_loss": result.loss,
-                "val_bpb": result.bits_per_byte,
-                "val_nats_per_gpt2_token": result.nats_per_gpt2_token,
-                "seconds": train_seconds,
-                "sample": text,
-            }
+def _accumulation(config: TrainConfig, world: Distributed, num_windows: int) -> int:
+    """Micro-steps per optimizer step, so that each step sees at least tokens_per_step tokens."""
+    if config.batch_size * world.world_size > num_windows:
+        raise UserError(
+            f"batch_size {config.batch_size} exceeds the {num_windows} windows of {config.context_length + 1} "
+            "tokens in the training data; use a smaller batch_size or context_length, or more data"
         )
-        log.print(f"step {step}: val loss {result.loss:.4f}, {result.bits_per_byte:.4f} bits/byte | {text!r}")
-        log.plot()
-        return result.loss, result.bits_per_byte, text
+    return math.ceil(config.tokens_per_step / (config.batch_size * config.context_length * world.world_size))
 
-    def report(evaluating: bool, checkpointing: bool, *last: object) -> tuple:
-        """Evaluate and/or checkpoint on rank 0; every rank takes part in gathering sharded state."""
-        if not (evaluating or checkpointing):
-            return last
-        weights = loss_fn.model_state()
-        optimizer_state = loss_fn.optimizer_state(optimizers) if checkpointing else None
-        if not world.is_main:
-            return last
-        results = evaluate_and_sample(weights) if evaluating else last
-        if checkpointing:
-            save(results[0] if evaluating else None, weights, optimizer_state)
-        return results
 
-    stop_signal: list[int] = []
-    previous_handlers = _catch_signals(stop_signal)
-    verb = "resuming from step" if meta else "training from step"
-    log.print(
-        f"{verb} {step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
-        f"{model.num_parameters(True):,} non-embedding), tokenizer {tokenizer.name} ({tokenizer.vocab_size}), "
-        f"{device} {precision}{loss_fn.describe()}, "
-        f"{tokens_per_step:,} tokens/step ({config.batch_size}x{context} x {accumulation} accumulation), "
-        f"{len(train_windows):,} training windows, budget {budget.total_steps or '-'} steps"
-        f"{f' / {config.max_time}' if config.max_time else ''} -> {run_dir}"
+def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT | None, checkpointer: Checkpointer,
+                 world: Distributed, train_windows: TokenWindows) -> tuple[GPT, str, dict | None]:  # fmt: skip
+    """The model (initialised from the seed, then given the resumed or initial weights), its precision, and the
+    optimizer state to restore (None for a new run)."""
+    torch.manual_seed(config.seed)
+    model = GPT(model_config).to(world.device)
+    if init_model is not None:
+        model.load_state_dict(init_model.state_dict())
+    if checkpointer.resumed is not None:
+        return model, checkpointer.resumed.precision, checkpointer.restore(model)
+    measured = choose_precision(config.precision, world.device, model, train_windows.batch(0, config.batch_size))
+    return model, world.broadcast(measured), None  # every rank must compute alike
+
+
+def _start_run_dir(run: Run, resume_step: int | None) -> RunLog:
+    """Write the tokenizer and the resolved config.json into the run dir; open its log."""
+    config = run.config
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.tokenizer.save(run.run_dir)
+    resolved = {"train": config.to_dict(), "model": run.model.config.to_dict(), "precision": run.precision,
+                "accumulation": run.accumulation, "tokens_per_step": run.tokens_per_step,
+                "total_steps": run.budget.total_steps}  # fmt: skip
+    atomic.write_json(run.run_dir / "config.json", resolved)
+    return RunLog(run.run_dir, resume_step, config.to_dict() if config.wandb else None)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def _loop(run: Run, state: TrainState, progress: bool) -> TrainResult:
+    config, world = run.config, run.world
+    with _StopSignals() as stop, contextlib.closing(run.log):
+        run.log.print(_describe(run, state))
+        show = None if progress and world.is_main else True
+        bar = tqdm(total=run.budget.total_steps, initial=state.step, unit="step", disable=show, leave=False)
+        state.session_step, state.session_start = state.step, time.perf_counter()
+        with contextlib.closing(bar):
+            run.model.train()
+            while not world.any(run.budget.done(state.step, state.train_seconds) or stop.signum is not None):
+                started = time.perf_counter()
+                lr = learning_rate(config, state.step, run.budget.progress(state.step, state.train_seconds))
+                result = train_step(run, state.step, lr)
+                state.advance(result.bad, time.perf_counter() - started)
+                bar.update()
+                _log_step(run, state, result, bar)
+                evaluating, checkpointing = _due(config, state.step)
+                _report(run, state, evaluating, checkpointing and not state.bad_in_a_row)  # keep the last good newest
+            # the final model is always evaluated (unless interrupted) and saved
+            _report(run, state, stop.signum is None and state.last_eval != state.step, state.step != state.last_saved)
+    if stop.signum is not None and world.is_main:
+        print(f"stopped by signal {stop.signum} at step {state.step}; checkpoint saved; run the same command to resume")
+    return TrainResult(run.run_dir, state.step, state.step * run.tokens_per_step, state.val_loss, state.val_bpb,
+                       state.sample, stop.signum, world.rank)  # fmt: skip
+
+
+def _due(config: TrainConfig, step: int) -> tuple[bool, bool]:
+    """Whether `step` is evaluated, and whether it is checkpointed (by default at every evaluation)."""
+    evaluating = step % config.eval_every == 0
+    if config.checkpoint_every:
+        return evaluating, step % config.checkpoint_every == 0
+    return evaluating, evaluating
+
+
+def train_step(run: Run, step: int, lr: float) -> StepResult:
+    """One optimizer step: `accumulation` micro-batches on each rank, clipping, and the update, skipped on every
+    rank when any rank's loss or gradient is not finite."""
+    config, world = run.config, run.world
+    for optimizer in run.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    loss_sum = torch.zeros((), device=world.device)
+    for micro in range(run.accumulation):
+        first = ((step * run.accumulation + micro) * world.world_size + world.rank) * config.batch_size
+        inputs, targets = run.train_windows.batch(first, config.batch_size, world.device)
+        with run.loss_fn.sync(last_micro_step=micro == run.accumulation - 1):
+            with run.autocast:
+                loss = run.loss_fn(inputs, targets)
+            (loss / run.accumulation).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or float("inf"))
+    # A skipped step still counts (its batch is used up), so batches stay a pure function of (seed, step) and
+    # a resumed run skips exactly the same steps.
+    bad = world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm.item())))
+    for optimizer in run.optimizers:
+        if not bad:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, grad_norm, lr, bad)
+
+
+def _describe(run: Run, state: TrainState) -> str:
+    config, model = run.config, run.model
+    verb = "resuming from step" if run.checkpointer.resumed else "training from step"
+    return (
+        f"{verb} {state.step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
+        f"{model.num_parameters(True):,} non-embedding), tokenizer {run.tokenizer.name} "
+        f"({run.tokenizer.vocab_size}), {run.world.device} {run.precision}{run.loss_fn.describe()}, "
+        f"{run.tokens_per_step:,} tokens/step ({config.batch_size}x{config.context_length} x {run.accumulation} "
+        f"accumulation), {len(run.train_windows):,} training windows, budget {run.budget.total_steps or '-'} steps"
+        f"{f' / {config.max_time}' if config.max_time else ''} -> {run.run_dir}"
     )
-    show = None if progress and world.is_main else True
-    bar = tqdm(total=budget.total_steps, initial=step, unit="step", disable=show, leave=False)
-    val_loss = val_bpb = story = None
-    last_saved, last_eval = (step if meta else -1), -1
-    session_start, session_step = time.perf_counter(), step
-    try:
-        model.train()
-        while not world.any(budget.done(step, train_seconds) or bool(stop_signal)):
-            step_start = time.perf_counter()
-            lr = learning_rate(config, step, budget.progress(step, train_seconds))
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accumulation):
-                first = ((step * accumulation + micro) * world_size + rank) * config.batch_size
-                inputs, targets = train_windows.batch(first, config.batch_size, device)
-                with loss_fn.sync(last_micro_step=micro == accumulation - 1):
-                    with autocast:
-                        loss = loss_fn(inputs, targets)
-                    (loss / accumulation).backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            # A non-finite loss or gradient on any rank skips the update on all of them. The step still counts
-            # (its batch is used up), so batches stay a pure function of (seed, step) and a resumed run skips
-            # exactly the same steps.
-            bad = world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm.item())))
-            for optimizer in optimizers:
-                if not bad:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            skipped, bad_in_a_row = skipped + bad, bad_in_a_row + 1 if bad else 0
-            train_seconds += time.perf_counter() - step_start
-            bar.update()
-            if bad:
-                log.print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
-            if step % config.log_every == 0 or step == 1:
-                loss_value = world.mean(loss_sum).item() / accumulation
-                speed = (step - session_step) * tokens_per_step / (time.perf_counter() - session_start)
-                log.record(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "tokens": step * tokens_per_step,
-                        "loss": loss_value,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        "skipped_steps": skipped,
-                        "tokens_per_second": speed,
-                        "epoch": step * windows_per_step / len(train_windows),
-                        "seconds": train_seconds,
-                        "peak_memory_mb": peak_memory_mb(device),
-                    }
-                )
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
-                if bar.disable:
-                    log.print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {speed:,.0f} tokens/s")
-            if bad_in_a_row >= config.max_bad_steps:
-                kept = run_dir / checkpoint.CHECKPOINTS / f"step-{last_saved:06d}" if last_saved >= 0 else None
-                raise UserError(
-                    f"training stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite loss or "
-                    f"gradient (max_bad_steps {config.max_bad_steps}); the last good checkpoint is "
-                    f"{kept or 'none: none was written'}; lower lr or use precision fp32 and train again "
-                    "(--init-from that checkpoint keeps its weights)"
-                )
-            evaluating = step % config.eval_every == 0
-            checkpointing = (config.checkpoint_every and step % config.checkpoint_every == 0) or (
-                evaluating and not config.checkpoint_every
-            )
-            checkpointing = checkpointing and not bad_in_a_row  # keep the last good checkpoint the newest
-            val_loss, val_bpb, story = report(evaluating, checkpointing, val_loss, val_bpb, story)
-            last_eval, last_saved = (step if evaluating else last_eval), (step if checkpointing else last_saved)
-        # the final model is always evaluated (unless interrupted) and saved
-        evaluating, checkpointing = not stop_signal and last_eval != step, step != last_saved
-        val_loss, val_bpb, story = report(evaluating, checkpointing, val_loss, val_bpb, story)
-    finally:
-        bar.close()
-        _restore_signals(previous_handlers)
-        log.close()
-    if stop_signal and world.is_main:
-        print(f"stopped by signal {stop_signal[0]} at step {step}; checkpoint saved; run the same command to resume")
-    signum = stop_signal[0] if stop_signal else None
-    return TrainResult(run_dir, step, step * tokens_per_step, val_loss, val_bpb, story, signum, world.rank)
+
+
+def _log_step(run: Run, state: TrainState, result: StepResult, bar: tqdm) -> None:
+    """Report a skipped update; every log_every steps a train record (a collective: every rank computes the mean
+    loss); stop the run when too many steps in a row were skipped."""
+    config, step = run.config, state.step
+    if result.bad:
+        run.log.print(f"step {step}: non-finite loss or gradient, update skipped ({state.bad_in_a_row} in a row)")
+    if step % config.log_every == 0 or step == 1:
+        loss = run.world.mean(result.loss_sum).item() / run.accumulation
+        speed = (step - state.session_step) * run.tokens_per_step / (time.perf_counter() - state.session_start)
+        epoch = step * run.windows_per_step / len(run.train_windows)
+        run.log.record({"kind": "train", "step": step, "tokens": step * run.tokens_per_step, "loss": loss,
+                        "lr": result.lr, "grad_norm": result.grad_norm.item(), "skipped_steps": state.skipped,
+                        "tokens_per_second": speed, "epoch": epoch, "seconds": state.train_seconds,
+                        "peak_memory_mb": peak_memory_mb(run.world.device)})  # fmt: skip
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{speed:,.0f}")
+        if bar.disable:
+            run.log.print(f"step {step}: loss {loss:.4f}, lr {result.lr:.2e}, {speed:,.0f} tokens/s")
+    if state.bad_in_a_row >= config.max_bad_steps:
+        kept = run.checkpointer.root / f"step-{state.last_saved:06d}" if state.last_saved >= 0 else None
+        raise UserError(
+            f"training stopped at step {step}: {state.bad_in_a_row} steps in a row had a non-finite loss or "
+            f"gradient (max_bad_steps {config.max_bad_steps}); the last good checkpoint is "
+            f"{kept or 'none: none was written'}; lower lr or use precision fp32 and train again "
+            "(--init-from that checkpoint keeps its weights)"
+        )
+
+
+def _report(run: Run, state: TrainState, evaluating: bool, checkpointing: bool) -> None:
+    """Evaluate and/or checkpoint on rank 0; every rank takes part in gathering sharded state."""
+    if evaluating or checkpointing:
+        weights = run.loss_fn.model_state()
+        optimizer_state = run.loss_fn.optimizer_state(run.optimizers) if checkpointing else None
+        if run.world.is_main and evaluating:
+            _evaluate(run, state, weights)
+        if run.world.is_main and checkpointing:
+            run.checkpointer.save(weights, optimizer_state, state.val_loss if evaluating else None,
+                                  step=state.step, tokens=state.step * run.tokens_per_step,
+                                  train_seconds=state.train_seconds, skipped_steps=state.skipped,
+                                  bad_steps_in_a_row=state.bad_in_a_row)  # fmt: skip
+    state.last_eval = state.step if evaluating else state.last_eval
+    state.last_saved = state.step if checkpointing else state.last_saved
+
+
+def _evaluate(run: Run, state: TrainState, weights: dict) -> None:
+    """Validation figures and a sample story: recorded, printed, plotted, and kept in `state`."""
+    if run.eval_model is not run.model:  # FSDP: rank 0 evaluates a gathered copy
+        run.eval_model.load_state_dict(weights)
+    result = run.evaluator.evaluate(run.eval_model)
+    text = run.evaluator.sample(run.eval_model, run.config.sample_tokens, run.config.seed)
+    run.log.record({"kind": "eval", "step": state.step, "tokens": state.step * run.tokens_per_step,
+                    **result.to_record(), "seconds": state.train_seconds, "sample": text})  # fmt: skip
+    run.log.print(f"step {state.step}: val loss {result.loss:.4f}, {result.bits_per_byte:.4f} bits/byte | {text!r}")
+    run.log.plot()
+    state.val_loss, state.val_bpb, state.sample = result.loss, result.bits_per_byte, text
 
 
 class _Silent:
@@ -489,20 +504,26 @@ class _Silent:
     def close(self) -> None: ...
 
 
-def _catch_signals(stop: list[int]) -> dict:
-    """SIGINT/SIGTERM finish the current step, checkpoint and return; a second Ctrl-C stops at once."""
+class _StopSignals:
+    """SIGINT/SIGTERM finish the current step, checkpoint and return; a second Ctrl-C stops at once.
 
-    def handler(signum: int, _frame: object) -> None:
-        stop.append(signum)
+    `signum` is the first signal caught, or None."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    previous = {}
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, handler)
-    return previous
+    def __enter__(self) -> _StopSignals:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
 
-
-def _restore_signals(previous: dict) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
