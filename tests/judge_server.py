@@ -9,6 +9,8 @@ What it answers depends on the completion being graded (the text after *** in th
     "busy:K"        429 (with retry-after-ms) the first K times, then a grade of 7
     "fail"          500 every time
     "deny"          403
+    "bad"           400
+    "hang"          a grade after 1 s (longer than the tests' timeout)
     "slow"          a grade of 5 after 0.2 s (to measure concurrency)
 Requests without "Bearer test-key" get 401. Every request is counted per completion.
 """
@@ -21,7 +23,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-_SCRIPTS = ("grade:", "busy:", "slow", "fail", "deny", "refuse", "sorry", "badscore", "malformed")
+_SCRIPTS = ("grade:", "busy:", "slow", "hang", "fail", "bad", "deny", "refuse", "sorry", "badscore", "malformed")
 
 
 class ScriptedJudge:
@@ -92,6 +94,11 @@ class ScriptedJudge:
         if completion == "slow":
             time.sleep(0.2)
             return 200, _chat(_grade(5)), {}
+        if completion == "hang":
+            time.sleep(1.0)
+            return 200, _chat(_grade(5)), {}
+        if completion == "bad":
+            return 400, {"error": {"message": "context length exceeded"}}, {}
         if completion == "deny":
             return 403, {"error": {"message": "This model is not available to you"}}, {}
         if completion == "fail":

@@ -62,6 +62,11 @@ def test_grades_refusals_malformed_429_and_500_are_counted_not_scored(server, ke
     assert summary["graded"] == 3 and summary["from_cache"] == 0
     assert summary["errors"] == {"unparseable": 2, "refusal": 2, "timeout": 0, "http_429": 0, "http_5xx": 1,
                                  "http_4xx": 0}  # fmt: skip
+    results = grade_all(judge_for(server, tmp_path, timeout=0.3, max_retries=0), [("A", "hang"), ("A", "bad")])
+    assert [r["error"] for r in results] == ["timeout", "http_4xx"]
+    assert results[1]["detail"] == "400: context length exceeded"
+    results = grade_all(judge_for(server, tmp_path, max_retries=1), [("A", "busy:5")])
+    assert results == [{"error": "http_429", "detail": "Rate limit reached"}]  # still 429 after its retry
 
 
 def test_a_second_run_takes_grades_from_the_cache_and_asks_again_only_for_errors(server, key, tmp_path):
