@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-_SCRIPTS = ("grade:", "busy:", "slow", "hang", "fail", "bad", "deny", "refuse", "sorry", "badscore", "malformed")
+_SCRIPTS = {"slow", "hang", "fail", "bad", "deny", "refuse", "sorry", "badscore", "malformed"}
 
 
 class ScriptedJudge:
@@ -83,7 +83,7 @@ class ScriptedJudge:
         with self.lock:
             self.requests[completion] += 1
             seen = self.requests[completion]
-        if self.default and not completion.startswith(_SCRIPTS):
+        if self.default and completion not in _SCRIPTS and not completion.startswith(("grade:", "busy:")):
             completion = self.default
         if completion.startswith("grade:"):
             return 200, _chat(_grade(float(completion[6:]))), {}
