@@ -18,7 +18,7 @@ CI_METHOD = (f"mean over prompts of each prompt's mean over its samples; 95% int
              "completions, no interval")  # fmt: skip
 # metric -> (label, what it measures); the order of the tables
 METRICS = {
-    "finished": ("finished", "share that ended with <|endoftext|> within the token budget"),
+    "finished": ("finished", "share that ended with the end-of-story token within the token budget"),
     "words": ("length (words)", "words in the continuation"),
     "repeated_4gram_share": ("repeated 4-grams", "share of the continuation's word 4-grams seen earlier in it"),
     "distinct_1": ("distinct-1", "distinct words / words, over all completions"),
@@ -28,7 +28,7 @@ METRICS = {
     "longest_copied_span": ("longest copied span", "longest run of words covered by training 8-grams (0: none)"),
     "prompt_names_kept": ("prompt names kept", "of the prompt's named characters, how many the continuation uses"),
     "new_names": ("new names", "named characters the continuation introduces"),
-    "unknown_word_share": ("unknown words", "share of lower-case words not in pyspellchecker's English dictionary"),
+    "unknown_word_share": ("unknown words", "share of words (lower-cased) not in pyspellchecker's English dictionary"),
     "reference_nats_per_gpt2_token": ("reference nats/GPT-2 token", "the reference model's loss on the continuation"),
     "llm_grammar": ("LLM grammar", "the judge's grade, 0-10"),
     "llm_creativity": ("LLM creativity", "the judge's grade, 0-10"),
