@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from .grading import Judge
 from .prompts import load_prompts
 from .story_metrics import Completion
 
-COMPLETIONS, REPORT_JSON, GENERATION = "completions.jsonl", "report.json", "generation.json"
+COMPLETIONS, GENERATION = "completions.jsonl", "generation.json"
 
 
 @dataclass
@@ -52,7 +52,6 @@ class JudgeConfig:
     judge: Judge | None = None
     device: str = "auto"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.samples < 1:
