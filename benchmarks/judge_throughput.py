@@ -1,6 +1,6 @@
 """The judge's cost: 44 prompts x 10 samples x 200 new tokens for the 1M preset (goal: under 60 s on 2 cores).
 
-    python benchmarks/judge_throughput.py [--preset 1M] [--batch-sizes 110 440] [--baseline-stories 44]
+    python benchmarks/judge_throughput.py [--preset 1M] [--batch-sizes 110 440] [--baseline-stories 44] [--device cpu]
 
 A randomly initialised model (4096-token BPE trained on the shared sample, context 512) never ends a story, so
 every completion runs its full 200 tokens: the worst case. It times, side by side in one process:
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[110, 440])
     parser.add_argument("--baseline-stories", type=int, default=44)
+    parser.add_argument("--device", default="cpu", help="cpu (the goal's setting), or cuda for a GPU check")
     args = parser.parse_args()
     from gpt_tinystories import load
 
@@ -45,11 +46,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Tokenizer.train(iter_stories(SAMPLE), 4096)
         write_random_run(Path(tmp) / "run", args.preset, 512, 0, tokenizer)
-        teller = load(str(Path(tmp) / "run"), "cpu")
+        teller = load(str(Path(tmp) / "run"), args.device)
         index = build(SAMPLE, Path(tmp) / "index", progress=False)
         print(f"{args.preset} preset, random init ({teller.model.num_parameters():,} parameters), "
               f"{len(prompts)} prompts x {args.samples} samples x {args.max_new_tokens} new tokens, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
+              f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
         rates = {}
         for batch_size in args.batch_sizes:
             config = JudgeConfig(samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=batch_size,
@@ -80,7 +81,7 @@ def _baseline(teller: Storyteller, prompts: list[str], args: argparse.Namespace)
     tokens, started = 0, time.perf_counter()
     for i in range(args.baseline_stories):
         row = teller.encode_prompt(prompts[i % len(prompts)])
-        generator = torch.Generator().manual_seed(i)
+        generator = torch.Generator(teller.model.wte.weight.device).manual_seed(i)
         (out,) = generate(teller.model, [row], args.max_new_tokens, Sampling(1.0), teller.tokenizer.eos_id, generator)
         tokens += len(out)
     return tokens / (time.perf_counter() - started)
