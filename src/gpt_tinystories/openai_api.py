@@ -137,7 +137,7 @@ def add_routes(app: FastAPI, teller, limits, submit: Callable) -> None:
                 message = f"{name}: at most {cap}{unit} on this server, got {value}"
                 return problem(request, 400, message, "invalid_request_error", None, param=name)
         sampling = Sampling(body.temperature, body.top_k, body.top_p)
-        return Work(prompts, body.n, max_tokens, sampling, body.seed, tuple(body.stop))
+        return Work(prompts, body.n, max_tokens, sampling, body.seed, tuple(body.stop or ()))
 
     @app.get("/v1/models")
     async def models() -> dict:
