@@ -392,9 +392,15 @@ class Engine:
 
 def measure_compile(engine: Engine, force: bool = False, steps: int = 20) -> str:
     """Compile `engine`'s decode step and time it against eager at batch 1 and `max_batch`, on a scratch cache
-    (so it may run beside live decoding); keep it if it is faster at both (or if `force`). What it found, in words.
-    The compile takes seconds to minutes: worth it for a server, not for one story."""
-    cache = SlotCache(engine.config, engine.max_batch, engine.cache.capacity, engine.device, engine.cache.keys.dtype)
+    (so that it may run beside live decoding; on a GPU before serving, on the engine's own cache, which its CUDA
+    graphs then use); keep it if it is faster at both (or if `force`). What it found, in words. The compile takes
+    seconds to minutes: worth it for a server, not for one story."""
+    if engine.device.type == "cuda" and not engine.busy:  # before serving: CUDA graphs are recorded for its cache
+        cache = engine.cache
+    else:
+        cache = SlotCache(
+            engine.config, engine.max_batch, engine.cache.capacity, engine.device, engine.cache.keys.dtype
+        )
     sizes = sorted({1, engine.max_batch})
 
     def per_token(step_fn: Callable) -> list[float]:

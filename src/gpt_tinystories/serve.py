@@ -375,7 +375,6 @@ def create_app(teller: Storyteller, limits: Limits | None = None, api_key: str |
 
     limits = limits or Limits()
     worker = BatchWorker(teller, limits)
-    CompletionRequest = request_model(limits)  # noqa: N806 (a class)
     info = {**model_info(teller), "limits": asdict(limits)}
     page = resources.files(__package__).joinpath(PAGE).read_text(encoding="utf-8")
 
@@ -408,6 +407,17 @@ def create_app(teller: Storyteller, limits: Limits | None = None, api_key: str |
     async def model() -> dict:
         return info
 
+    _story_routes(app, request_model(limits), submit)
+    openai_api.add_routes(app, teller, limits, submit)
+    return app
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _story_routes(app: FastAPI, CompletionRequest: type[BaseModel], submit) -> None:  # noqa: N803 (a class)
+    """Our own routes: the whole stories at once, or as Server-Sent Events."""
+
     @app.post("/api/generate")
     async def generate(body: CompletionRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
         """The whole stories at once; a client that disconnects while waiting cancels its request."""
@@ -432,12 +442,6 @@ def create_app(teller: Storyteller, limits: Limits | None = None, api_key: str |
                 job.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-    openai_api.add_routes(app, teller, limits, submit)
-    return app
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def finished(job: Job, request: Request) -> tuple[str, dict]:
