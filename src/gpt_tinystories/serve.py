@@ -107,6 +107,8 @@ class Job:
     def __init__(self, work: Work, loop: asyncio.AbstractEventLoop) -> None:
         self.work = work
         self.received = time.perf_counter()
+        self.first_token: float | None = None  # set by the worker, with the prompt's size in tokens
+        self.prompt_tokens, self.prompt_truncated = 0, False
         self._loop = loop
         self._pending: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
@@ -287,12 +289,12 @@ class BatchWorker:
                 continue
             touched[choice.job] = True
             if token is None:  # it raised inside the engine
-                error = getattr(sequence, "error", None)
+                error = sequence.error
                 self._end(choice.job, "error", {"error": f"generation failed: {type(error).__name__}: {error}"})
                 continue
             self.tokens_generated += 1
             job = choice.job
-            job.first_token = getattr(job, "first_token", None) or time.perf_counter()
+            job.first_token = job.first_token or time.perf_counter()
             if token != self.teller.tokenizer.eos_id and (piece := choice.push(choice.stream.push(token))):
                 job.emit("text", {"index": choice.index, "text": piece, "tokens": len(choice.stream.ids)})
             if choice.finish_reason == "stop":
@@ -319,7 +321,7 @@ class BatchWorker:
             "completion_tokens": completion_tokens,
             "timing": {
                 "queue_seconds": started - job.received,
-                "first_token_seconds": (getattr(job, "first_token", None) or finished) - job.received,
+                "first_token_seconds": (job.first_token or finished) - job.received,
                 "total_seconds": finished - job.received,
                 "tokens_per_second": completion_tokens / max(finished - started, 1e-9),
             },
