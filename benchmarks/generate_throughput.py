@@ -141,28 +141,29 @@ def main() -> None:
     print(f"greedy decoding of {args.new_tokens} new tokens after a 16-token prompt; best of {args.rounds} rounds; "
           f"ours in {args.dtype}, HF in fp32; tokens/s (ratio to HF generate(), same tokens as HF)")  # fmt: skip
     baseline = next(r.name for r in runners if r.baseline)
-    rows = []
+    print(f"{'preset':<7} {'batch':>5} " + " ".join(f"{r.name:>28}" for r in runners), flush=True)
     for preset in args.presets:
         torch.manual_seed(0)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         model = GPT(ModelConfig.from_preset(preset, 4096)).to(device, dtype).eval()
         for batch in args.batches:
-            rows.append((preset, batch, measure(runners, model, preset, batch, args, device)))
-    print(f"{'preset':<7} {'batch':>5} " + " ".join(f"{r.name:>28}" for r in runners))
-    for preset, batch, results in rows:
-        base_rate, base_tokens = results[baseline]
-        cells = []
-        for runner in runners:
-            rate, tokens = results[runner.name]
-            if rate is None:
-                cells.append(f"{'n/a (' + tokens + ')':>28}"[:28])
-            elif runner.baseline:
-                cells.append(f"{rate:>17,.0f} tok/s     ")
-            else:
-                ratio = f"{rate / base_rate:.2f}x" if base_rate else "-"
-                same = "same" if tokens == base_tokens else "DIFFERENT"
-                cells.append(f"{rate:>10,.0f} tok/s {ratio:>6} {same:>5}")
-        print(f"{preset:<7} {batch:>5} " + " ".join(f"{c:>28}" for c in cells))
+            print_row(preset, batch, measure(runners, model, preset, batch, args, device), runners, baseline)
+
+
+def print_row(preset: str, batch: int, results: dict[str, tuple], runners: list[Runner], baseline: str) -> None:
+    base_rate, base_tokens = results[baseline]
+    cells = []
+    for runner in runners:
+        rate, tokens = results[runner.name]
+        if rate is None:
+            cells.append(f"{'n/a (' + tokens + ')':>28}"[:28])
+        elif runner.baseline:
+            cells.append(f"{rate:>17,.0f} tok/s     ")
+        else:
+            ratio = f"{rate / base_rate:.2f}x" if base_rate else "-"
+            same = "same" if tokens == base_tokens else "DIFFERENT"
+            cells.append(f"{rate:>10,.0f} tok/s {ratio:>6} {same:>5}")
+    print(f"{preset:<7} {batch:>5} " + " ".join(f"{c:>28}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":
