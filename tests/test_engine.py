@@ -169,3 +169,9 @@ def test_the_compiled_step_decodes_the_same_greedy_tokens_as_eager(model):
     eager = generate(model, prompts, 20, GREEDY)
     assert generate(model, prompts, 20, GREEDY, compile=True) == eager
     assert eager == [recomputed_greedy(model, p, 20) for p in prompts]
+
+
+def test_decoding_under_bf16_autocast_runs_as_training_samples_do(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out,) = generate(model, [[5, 6, 7]], 6, Sampling(0.8, top_k=50), generator=torch.Generator().manual_seed(0))
+    assert len(out) == 6

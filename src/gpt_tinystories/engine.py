@@ -110,8 +110,9 @@ class SlotCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = k.shape[0]
-        self.keys[layer][self.rows, :, self.positions] = k[:, :, 0]  # row r's key at positions[r]
-        self.values[layer][self.rows, :, self.positions] = v[:, :, 0]
+        # row r's key at positions[r] (cast: under autocast keys come in bf16 to a cache of the weights' dtype)
+        self.keys[layer][self.rows, :, self.positions] = k[:, :, 0].to(self.keys.dtype)
+        self.values[layer][self.rows, :, self.positions] = v[:, :, 0].to(self.values.dtype)
         return self.keys[layer, :batch], self.values[layer, :batch]
 
     def local_mask(self, mask: torch.Tensor, queries: int, keys: int, window: int, device) -> torch.Tensor:
