@@ -104,15 +104,19 @@ class SlotCache:
 
     # The protocol model.GPT calls with a cache: begin, update, local_mask, advance (see model.KVCache).
     def begin(self, time: int) -> torch.Tensor:
-        self.rows = torch.arange(self.positions.shape[0], device=self.positions.device)
+        batch, heads, device = self.positions.shape[0], self.keys.shape[2], self.positions.device
+        # where row r, head h writes, in a layer's cache seen as (slots * heads * capacity, head_size) rows:
+        # one index_copy_ per layer instead of advanced indexing (several times slower on a CPU)
+        row_heads = torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)
+        self.rows = (row_heads * self.capacity + self.positions[:, None]).flatten()
         self.mask = (self.key_index[None, :] <= self.positions[:, None])[:, None, None, :]
         return self.positions[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = k.shape[0]
+        batch, size = k.shape[0], k.shape[-1]
         # row r's key at positions[r] (cast: under autocast keys come in bf16 to a cache of the weights' dtype)
-        self.keys[layer][self.rows, :, self.positions] = k[:, :, 0].to(self.keys.dtype)
-        self.values[layer][self.rows, :, self.positions] = v[:, :, 0].to(self.values.dtype)
+        self.keys[layer].view(-1, size).index_copy_(0, self.rows, k.reshape(-1, size).to(self.keys.dtype))
+        self.values[layer].view(-1, size).index_copy_(0, self.rows, v.reshape(-1, size).to(self.values.dtype))
         return self.keys[layer, :batch], self.values[layer, :batch]
 
     def local_mask(self, mask: torch.Tensor, queries: int, keys: int, window: int, device) -> torch.Tensor:
