@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -94,6 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     teller = load(args.checkpoint, args.device, args.dtype)
+    teller.compile = args.compile
     context = teller.model.config.context_length
     prompt_tokens = len(teller.encode_prompt(args.prompt))
     if prompt_tokens > context and not args.truncate_prompt:
@@ -208,18 +210,43 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from . import load, serve
 
     limits = serve.Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens,
-                          max_samples=args.max_samples, max_queue=args.max_queue)  # fmt: skip
+                          max_samples=args.max_samples, max_queue=args.max_queue, max_batch=args.max_batch)  # fmt: skip
+    api_key = args.api_key or os.environ.get(serve.API_KEY_ENV) or None
     sock = serve.bind(args.host, args.port)  # before loading the model: a taken port fails at once
-    app = serve.create_app(load(args.checkpoint, args.device, args.dtype), limits)
+    teller = load(args.checkpoint, args.device, args.dtype)
+    app = serve.create_app(teller, limits, api_key)
+    _decide_compile(app.state.worker.engine, args.compile)
     try:
         loopback = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
-        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
-              "(there is no authentication)", file=sys.stderr)  # fmt: skip
+    if not loopback and not api_key:
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use the "
+              f"model (set --api-key or ${serve.API_KEY_ENV})", file=sys.stderr)  # fmt: skip
     print(f"story playground for {app.state.worker.teller.source} at {serve.url(sock)} (Ctrl-C stops)", flush=True)
     serve.run(app, sock, args.log_level)
+
+
+def _decide_compile(engine, choice: str) -> None:
+    """Compile the server's decode step if asked (before serving), or, with auto, if a measurement shows it pays:
+    before serving on a GPU; on a CPU, where compiling takes minutes, in the background while serving eagerly."""
+    import threading
+
+    from .engine import measure_compile
+
+    def decide() -> None:
+        try:
+            print(measure_compile(engine, force=choice == "on"), file=sys.stderr, flush=True)
+        except Exception as error:  # no C++ compiler, an unsupported op...: eager decoding still works
+            if choice == "on":
+                message = f"--compile on: compiling the decode step failed ({error}); use --compile off"
+                raise UserError(message) from None
+            print(f"compiled decode step: failed ({type(error).__name__}); staying eager", file=sys.stderr)
+
+    if choice == "on" or (choice == "auto" and engine.device.type == "cuda"):
+        decide()
+    elif choice == "auto":
+        threading.Thread(target=decide, name="compile-check", daemon=True).start()
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -404,6 +431,8 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (pays only for long decoding: it takes 10 s to minutes)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("eval", help="validation loss, perplexity, bits per byte of a trained model")
@@ -439,6 +468,11 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=1000, help="cap on a request's max_new_tokens")
     p.add_argument("--max-samples", type=_positive_int, default=4, help="cap on a request's n")
     p.add_argument("--max-queue", type=_positive_int, default=16, help="requests that may wait; more get 503")
+    p.add_argument("--max-batch", type=_positive_int, default=16,
+                   help="KV-cache slots: sequences decoded together (memory grows with it; see README)")  # fmt: skip
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GPT_TINYSTORIES_API_KEY)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compile the decode step; auto: where a start-up measurement shows it pays")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")

@@ -1,44 +1,23 @@
 """Decoding on top of the model's KV cache: sampling (temperature, top-k, top-p), greedy, beam search, and
 streaming text that never splits a UTF-8 character.
 
-Prompts are prefilled once; each new token is then one forward pass over one position per row. Prompts of
-different lengths are left-padded and masked, so a batch decodes together.
+Sampling and greedy decoding run on the decode engine (engine.py: KV-cache slots, a static-shape decode step
+that can be compiled, per-row sampling settings and generators); beam search keeps its own cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from .model import GPT, KVCache
+from .engine import Engine, Sampling
+from .model import GPT
 from .tokenizer import Tokenizer
 
+__all__ = ["Sampling", "Storyteller", "TextStream", "beam_search", "decode", "generate"]
 
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick each next token. temperature 0 is greedy; top_k / top_p keep the likeliest tokens."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """One token per row of `logits` (batch, vocab)."""
-        if self.temperature == 0 or self.top_k == 1:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / self.temperature
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # drop a token once the ones before it already cover top_p (the first token always stays)
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+RANDOM = Sampling()  # plain sampling at temperature 1
 
 
 @torch.inference_mode()
@@ -46,37 +25,32 @@ def decode(
     model: GPT,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = RANDOM,
     eos_id: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token of each prompt's row (None once a row has produced `eos_id`).
 
-    Prompts must be non-empty; one longer than the context keeps its last tokens. Past the context length
-    the cache is rebuilt from the most recent half-context of each row.
+    One engine step per token: the rows decode together in the engine's slots. `generator` is shared by all
+    rows (they draw from it in row order), or one per row. Prompts must be non-empty; one longer than the
+    context keeps its last tokens. Past the context length a row's cache is rebuilt from its most recent
+    half-context. `compile` compiles the decode step (worth it only for long or repeated decoding: see engine.py).
     """
     was_training = model.training
     model.eval()
-    context = model.config.context_length
-    rows = [list(p)[-context:] for p in prompts]
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=model.wte.weight.device)
-    cache, logits = _prefill(model, rows, min(context, max(map(len, rows)) + max_new_tokens))
+    prompts = [list(p)[-model.config.context_length :] for p in prompts]
+    generators = list(generator) if isinstance(generator, Sequence) else [generator] * len(prompts)
+    capacity = min(model.config.context_length, max(map(len, prompts)) + max_new_tokens)
+    engine = Engine(model, len(prompts), capacity, compile, prefill_chunk=sum(map(len, prompts)))
+    rows = {engine.add(prompt, max_new_tokens, sampling, eos_id, generator).id: row
+            for row, (prompt, generator) in enumerate(zip(prompts, generators, strict=True))}  # fmt: skip
     try:
-        for _ in range(max_new_tokens):
-            tokens = sampling.pick(logits, generator)
-            new = [None if done else token for done, token in zip(finished.tolist(), tokens.tolist(), strict=True)]
-            for row, token in zip(rows, new, strict=True):
-                if token is not None:
-                    row.append(token)
+        while engine.busy:
+            new: list[int | None] = [None] * len(prompts)
+            for sequence, token in engine.step():
+                new[rows[sequence.id]] = token
             yield new
-            if eos_id is not None:
-                finished |= tokens == eos_id
-                if bool(finished.all()):
-                    return
-            if cache.length == cache.capacity:  # out of context: slide the window and prefill again
-                cache, logits = _prefill(model, [r[-(context // 2) :] for r in rows], context)
-            else:
-                logits = model(tokens[:, None], cache)[:, -1]
     finally:
         model.train(was_training)
 
@@ -85,27 +59,18 @@ def generate(
     model: GPT,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = RANDOM,
     eos_id: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt, ending with `eos_id` where it was produced."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for new in decode(model, prompts, max_new_tokens, sampling, eos_id, generator):
+    for new in decode(model, prompts, max_new_tokens, sampling, eos_id, generator, compile):
         for output, token in zip(outputs, new, strict=True):
             if token is not None:
                 output.append(token)
     return outputs
-
-
-def _prefill(model: GPT, rows: list[list[int]], capacity: int) -> tuple[KVCache, torch.Tensor]:
-    """A cache holding `rows` (left-padded to the longest), and the logits after each row's last token."""
-    device = model.wte.weight.device
-    longest = max(map(len, rows))
-    pad = torch.tensor([longest - len(r) for r in rows], device=device)
-    idx = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=device)
-    cache = model.new_cache(len(rows), capacity, pad)
-    return cache, model(idx, cache)[:, -1]
 
 
 @torch.inference_mode()
@@ -187,8 +152,9 @@ class TextStream:
 class Storyteller:
     """A model and its tokenizer, for text in and text out: what `gpt_tinystories.load()` returns."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, source: str = "") -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, source: str = "", compile: bool = False) -> None:
         self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.compile = compile  # compile the decode step (see engine.py; pays for long or repeated decoding)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt tokens, starting a new story after EOS (an empty prompt starts one from scratch)."""
@@ -211,7 +177,8 @@ class Storyteller:
             max_new_tokens,
             Sampling(temperature, top_k, top_p),
             self.tokenizer.eos_id,
-            self._generator(seed),
+            self.generator(seed),
+            self.compile,
         ):
             if token is not None and token != self.tokenizer.eos_id and (piece := stream.push(token)):
                 yield piece
@@ -228,10 +195,14 @@ class Storyteller:
         seed: int | None = None,
         num_samples: int = 1,
     ) -> str | list[str]:
-        """The prompt's continuation (a list of `num_samples` of them when more than one)."""
+        """The prompt's continuation (a list of `num_samples` of them when more than one).
+
+        Sample i draws from its own generator seeded with seed + i: the same text as a call with that seed alone."""
         prompts = [self.encode_prompt(prompt)] * num_samples
         sampling = Sampling(temperature, top_k, top_p)
-        outputs = generate(self.model, prompts, max_new_tokens, sampling, self.tokenizer.eos_id, self._generator(seed))
+        generators = [self.generator(None if seed is None else seed + i) for i in range(num_samples)]
+        eos = self.tokenizer.eos_id
+        outputs = generate(self.model, prompts, max_new_tokens, sampling, eos, generators, self.compile)
         texts = [self.tokenizer.decode([t for t in out if t != self.tokenizer.eos_id]) for out in outputs]
         return texts[0] if num_samples == 1 else texts
 
@@ -239,5 +210,6 @@ class Storyteller:
         tokens = beam_search(self.model, self.encode_prompt(prompt), max_new_tokens, num_beams, self.tokenizer.eos_id)
         return self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eos_id])
 
-    def _generator(self, seed: int | None) -> torch.Generator | None:
+    def generator(self, seed: int | None) -> torch.Generator | None:
+        """A generator on the model's device seeded with `seed` (None: the global one)."""
         return None if seed is None else torch.Generator(self.model.wte.weight.device).manual_seed(seed)

@@ -74,7 +74,8 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.window is not None and k.shape[2] > self.window:
-            mask, causal = _local(mask, q.shape[2], k.shape[2], self.window, q.device), False
+            local = _local if cache is None else cache.local_mask  # a cache knows where its queries sit
+            mask, causal = local(mask, q.shape[2], k.shape[2], self.window, q.device), False
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
@@ -173,9 +174,8 @@ class GPT(nn.Module):
 
         With a `cache`, `idx` continues the sequence the cache holds, and its keys and values are appended."""
         time = idx.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + time > self.config.context_length:
-            raise ValueError(f"sequence of {start + time} tokens exceeds context_length={self.config.context_length}")
+        if cache is None and time > self.config.context_length:  # a cache checks its own capacity
+            raise ValueError(f"sequence of {time} tokens exceeds context_length={self.config.context_length}")
         positions = torch.arange(time, device=idx.device) if cache is None else cache.begin(time)
         x = self.wte(idx)
         if self.wpe is not None:
@@ -188,7 +188,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer, rotary)
         if cache is not None:
-            cache.length += time
+            cache.advance(time)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -212,6 +212,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, pad: torch.Tensor | None = None,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        if capacity > config.context_length:
+            raise ValueError(f"KV cache capacity {capacity} exceeds context_length={config.context_length}")
         shape = (config.n_layer, batch_size, config.kv_heads, capacity, config.head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -239,6 +241,12 @@ class KVCache:
             positions = (positions[None, :] - self.pad[:, None]).clamp(min=0)
         self.mask, self.causal = mask, False
         return positions
+
+    def advance(self, time: int) -> None:
+        self.length += time
+
+    def local_mask(self, mask: torch.Tensor | None, queries: int, keys: int, window: int, device) -> torch.Tensor:
+        return _local(mask, queries, keys, window, device)  # the queries are the last of the keys
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]

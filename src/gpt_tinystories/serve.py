@@ -4,16 +4,17 @@
     app = serve.create_app(load("runs/quickstart"), serve.Limits(max_new_tokens=500))
     serve.run(app, serve.bind("127.0.0.1", 8000))        # or any ASGI server: uvicorn.run(app)
 
-One worker thread decodes one request at a time, its `n` samples as the rows of one batch; other requests
-wait in a bounded queue. On a CPU one decode already keeps every core busy, so decoding two requests side
-by side would only split the cores between them. The event loop never runs the model: the worker hands text
-to it piece by piece, and a client that disconnects cancels its request, which stops the decode loop at the
-next token (or drops the request from the queue before it starts).
+One worker thread drives the decode engine (engine.py): each step advances every running request by a token
+together (continuous batching), new requests join between steps in free KV-cache slots, and more wait in a
+bounded queue. The event loop never runs the model: the worker hands text to it piece by piece, and a client
+that disconnects cancels its request, whose slot is free at the next step. Besides our own routes (/api/...),
+openai_api.py answers OpenAI's /v1/completions, /v1/chat/completions and /v1/models.
 """
 
 import asyncio
 import contextlib
 import errno
+import hmac
 import json
 import logging
 import queue
@@ -25,7 +26,6 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import RunMeta, is_checkpoint
 from .config import PRESETS
+from .engine import Engine, Sampling
 from .errors import UserError
-from .generate import Sampling, Storyteller, TextStream, decode
+from .generate import Storyteller, TextStream
 
 log = logging.getLogger("gpt_tinystories.serve")
 
@@ -43,15 +44,17 @@ PAGE = "static/index.html"
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for, and how many may wait: requests beyond these get 422 (or 503 when full)."""
+    """What one request may ask for, and how many may run and wait: requests beyond these get 422 (or 503 when
+    full)."""
 
     max_prompt_chars: int = 4000  # a prompt longer than the context keeps its last tokens anyway
     max_new_tokens: int = 1000
-    max_samples: int = 4  # `n`: samples decoded together as the rows of one batch
-    max_queue: int = 16  # requests waiting behind the one being decoded
+    max_samples: int = 4  # `n`: samples of one request, each a sequence of the batch
+    max_queue: int = 16  # sequences waiting for a KV-cache slot
+    max_batch: int = 16  # KV-cache slots: sequences decoded together
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_chars", "max_new_tokens", "max_samples", "max_queue"):
+        for name in ("max_prompt_chars", "max_new_tokens", "max_samples", "max_queue", "max_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"serve limits: {name} must be a positive integer, got {value!r}")
@@ -74,15 +77,38 @@ def request_model(limits: Limits) -> type[BaseModel]:
     return CompletionRequest
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a request asks the engine for, whatever route it came by: one choice per prompt and sample."""
+
+    prompts: list[str]  # the distinct prompts
+    n: int  # samples of each prompt: choice i is prompt i // n, sample i % n, seeded with seed + i % n
+    max_new_tokens: int
+    sampling: Sampling
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # text that ends a choice (not included)
+
+    @classmethod
+    def of(cls, body: BaseModel) -> "Work":
+        sampling = Sampling(body.temperature, body.top_k, body.top_p)
+        return cls([body.prompt], body.n, body.max_new_tokens, sampling, body.seed)
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
 class Job:
     """One request on its way through the worker: events go from the worker thread to the event loop.
 
     Events gather in a list, and the loop is woken once for all that arrived while it was busy: waking it
     once per token costs more than decoding a token of a small model."""
 
-    def __init__(self, request: BaseModel, loop: asyncio.AbstractEventLoop) -> None:
-        self.request = request
+    def __init__(self, work: Work, loop: asyncio.AbstractEventLoop) -> None:
+        self.work = work
         self.received = time.perf_counter()
+        self.first_token: float | None = None  # set by the worker, with the prompt's size in tokens
+        self.prompt_tokens, self.prompt_truncated = 0, False
         self._loop = loop
         self._pending: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
@@ -123,126 +149,202 @@ class Job:
 
 
 class Busy(Exception):
-    """The queue is full: the request is refused (503) rather than left waiting without bound."""
+    """Every slot and the queue are full: the request is refused (503) rather than left waiting without bound."""
 
 
-class StoryWorker:
-    """A thread that decodes queued jobs one at a time, and counts what it did (for /health and the tests)."""
+class _Choice:
+    """One sequence of a job in the engine: its text so far, held back where it might begin a stop string."""
 
-    def __init__(self, teller: Storyteller, max_queue: int) -> None:
-        self.teller = teller
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+    def __init__(self, job: Job, index: int, sequence, tokenizer) -> None:
+        self.job, self.index, self.sequence = job, index, sequence
+        self.stream = TextStream(tokenizer)
+        self.text, self.sent = "", 0  # the choice's text, and how much of it went out
+        self.finish_reason: str | None = None
+
+    def push(self, piece: str, final: bool = False) -> str:
+        """The text that may go out now: none that could still turn out to begin a stop string."""
+        self.text += piece
+        stops = self.job.work.stop
+        hit = min((i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text, self.finish_reason, final = self.text[:hit], "stop", True
+        hold = 0 if final else max((len(s) - 1 for s in stops), default=0)
+        ready = self.text[self.sent : max(self.sent, len(self.text) - hold)]
+        self.sent += len(ready)
+        return ready
+
+
+class BatchWorker:
+    """A thread that drives the decode engine: every step advances all running requests together (continuous
+    batching); it takes new requests between steps and counts what it did (for /health and the tests)."""
+
+    def __init__(self, teller: Storyteller, limits: Limits, engine: Engine | None = None) -> None:
+        self.teller, self.limits = teller, limits
+        self.engine = engine or Engine(teller.model, limits.max_batch, compile=teller.compile, prefill_chunk=256)
+        self.engine.isolate_errors = True  # a request that raises fails alone
+        self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._choices: dict[int, _Choice] = {}  # engine sequence id -> its choice
+        self._jobs: dict[Job, list[_Choice]] = {}  # jobs in the engine
+        self._started: dict[Job, float] = {}
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self.current: Job | None = None
-        self.completed = 0
-        self.cancelled = 0
+        self._lock = threading.Lock()
+        self._outstanding = 0  # sequences accepted and not finished: those running and those waiting
+        self.waiting_jobs = 0
+        self.completed = self.cancelled = self.failed = 0
+        self.most_running = 0  # the most sequences decoded in one step so far
         self.tokens_generated = 0  # every token decoded, EOS included, whether or not a client received it
 
     @property
+    def busy(self) -> bool:
+        return bool(self._jobs) or not self._inbox.empty()
+
+    @property
     def queued(self) -> int:
-        return self._jobs.qsize()
+        """Requests accepted that have not started: waiting in the inbox or for a slot."""
+        return self.waiting_jobs
 
     def submit(self, job: Job) -> None:
-        with self._start_lock:  # started on first use, so the app works under any ASGI server, lifespan or not
+        with self._lock:  # started on first use, so the app works under any ASGI server, lifespan or not
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="story-worker", daemon=True)
+                self._thread = threading.Thread(target=self._serve, name="story-engine", daemon=True)
                 self._thread.start()
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise Busy(f"the server is busy ({self._jobs.maxsize} requests are waiting); retry in a moment") from None
+            if self._outstanding + job.work.choices > self.limits.max_batch + self.limits.max_queue:
+                raise Busy(f"the server is busy ({self.limits.max_queue} requests are waiting); retry in a moment")
+            self._outstanding += job.work.choices
+            self.waiting_jobs += 1
+        self._inbox.put(job)
 
     def close(self) -> None:
         """Cancel what runs and what waits, and end the thread."""
-        if self.current is not None:
-            self.current.cancel()
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                job.emit("error", {"error": "the server is shutting down"})
         if self._thread is not None:
-            self._jobs.put(None)
+            self._inbox.put(None)
             self._thread.join(timeout=10)
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancelled:  # its client left while it waited
-                self._stopped(job)
+        while True:
+            if not self._take(block=not self.engine.busy):
+                break
+            for job in [job for job in self._jobs if job.cancelled]:
+                self._end(job, "cancelled", {})
+            if not self.engine.busy:
                 continue
-            self.current = job
+            step_started = time.perf_counter()
             try:
-                self._decode(job)
-            except Exception as error:  # a bug, not bad input (that is refused before it gets here): log it, go on
-                log.exception("generation failed")
-                job.emit("error", {"error": f"generation failed: {type(error).__name__}: {error}"})
-            finally:
-                self.current = None
+                produced = self.engine.step()
+            except Exception as error:  # not one request's fault (those fail alone, in the engine): fail them all
+                log.exception("the decode engine failed")
+                for job in list(self._jobs):
+                    self._end(job, "error", {"error": f"generation failed: {type(error).__name__}: {error}"})
+                continue
+            self.most_running = max(self.most_running, len(produced))
+            self._route(produced, step_started)
+        for job in list(self._jobs):
+            self._end(job, "error", {"error": "the server is shutting down"})
 
-    def _stopped(self, job: Job) -> None:
-        self.cancelled += 1
-        job.emit("cancelled", {})
+    def _take(self, block: bool) -> bool:
+        """Move requests from the inbox into the engine; False once the worker is to stop."""
+        while True:
+            try:
+                job = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            block = False
+            if job.cancelled:  # its client left while it waited
+                self._count_out(job, started=False)
+                self.cancelled += 1
+                job.emit("cancelled", {})
+                continue
+            self._add(job)
 
-    def _decode(self, job: Job) -> None:
-        request, teller = job.request, self.teller
-        model, tokenizer = teller.model, teller.tokenizer
-        started = time.perf_counter()
-        prompt = teller.encode_prompt(request.prompt)
-        context = model.config.context_length
-        job.emit("start", {"prompt_tokens": min(len(prompt), context), "prompt_truncated": len(prompt) > context,
-                           "queue_seconds": started - job.received})  # fmt: skip
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(model.wte.weight.device).manual_seed(request.seed)
-        sampling = Sampling(request.temperature, request.top_k, request.top_p)
-        streams = [TextStream(tokenizer) for _ in range(request.n)]
-        pieces: list[list[str]] = [[] for _ in range(request.n)]
-        finish = ["length"] * request.n
-        first_token = None
-        steps = decode(model, [prompt] * request.n, request.max_new_tokens, sampling, tokenizer.eos_id, generator)
-        try:
-            for new in steps:
-                if job.cancelled:
-                    self._stopped(job)
-                    return
-                first_token = first_token or time.perf_counter()
-                for index, token in enumerate(new):
-                    if token is None:
-                        continue
-                    self.tokens_generated += 1
-                    if token == tokenizer.eos_id:
-                        finish[index] = "eos"
-                    elif piece := streams[index].push(token):
-                        pieces[index].append(piece)
-                        job.emit("text", {"index": index, "text": piece, "tokens": len(streams[index].ids)})
-        finally:
-            steps.close()  # stops the decode loop now when a cancel left it suspended mid-story
-        for index, stream in enumerate(streams):
-            if tail := stream.flush():
-                pieces[index].append(tail)
-                job.emit("text", {"index": index, "text": tail, "tokens": len(stream.ids)})
-        finished = time.perf_counter()
-        samples = [
-            {"index": index, "text": "".join(parts), "tokens": len(stream.ids), "finish_reason": reason}
-            for index, (parts, stream, reason) in enumerate(zip(pieces, streams, finish, strict=True))
-        ]
+    def _add(self, job: Job) -> None:
+        teller, work = self.teller, job.work
+        prompts = [teller.encode_prompt(prompt) for prompt in work.prompts]
+        choices = []
+        for index in range(work.choices):
+            seed = None if work.seed is None else work.seed + index % work.n
+            sequence = self.engine.add(prompts[index // work.n], work.max_new_tokens, work.sampling,
+                                       teller.tokenizer.eos_id, teller.generator(seed))  # fmt: skip
+            choices.append(_Choice(job, index, sequence, teller.tokenizer))
+            self._choices[sequence.id] = choices[-1]
+        self._jobs[job] = choices
+        context = teller.model.config.context_length
+        job.prompt_tokens = sum(min(len(p), context) for p in prompts)
+        job.prompt_truncated = any(len(p) > context for p in prompts)
+
+    def _route(self, produced: list, step_started: float) -> None:
+        """Hand each new token to its request as text; end the requests that are done."""
+        for job, choices in list(self._jobs.items()):
+            if job not in self._started and any(c.sequence.slot is not None for c in choices):
+                self._started[job] = step_started
+                with self._lock:
+                    self.waiting_jobs -= 1
+                job.emit("start", {"prompt_tokens": job.prompt_tokens, "prompt_truncated": job.prompt_truncated,
+                                   "queue_seconds": step_started - job.received})  # fmt: skip
+        touched = {}
+        for sequence, token in produced:
+            choice = self._choices.get(sequence.id)
+            if choice is None or choice.finish_reason is not None:
+                continue
+            touched[choice.job] = True
+            if token is None:  # it raised inside the engine
+                error = sequence.error
+                self._end(choice.job, "error", {"error": f"generation failed: {type(error).__name__}: {error}"})
+                continue
+            self.tokens_generated += 1
+            job = choice.job
+            job.first_token = job.first_token or time.perf_counter()
+            if token != self.teller.tokenizer.eos_id and (piece := choice.push(choice.stream.push(token))):
+                job.emit("text", {"index": choice.index, "text": piece, "tokens": len(choice.stream.ids)})
+            if choice.finish_reason == "stop":
+                self.engine.cancel(sequence)
+            elif sequence.done:
+                choice.finish_reason = sequence.finish_reason
+        for job in touched:
+            if job in self._jobs and all(c.finish_reason for c in self._jobs[job]):
+                self._done(job)
+
+    def _done(self, job: Job) -> None:
+        samples = []
+        for choice in self._jobs[job]:
+            if tail := choice.push(choice.stream.flush(), final=True):
+                job.emit("text", {"index": choice.index, "text": tail, "tokens": len(choice.stream.ids)})
+            samples.append({"index": choice.index, "text": choice.text, "tokens": len(choice.stream.ids),
+                            "finish_reason": choice.finish_reason})  # fmt: skip
+        finished, started = time.perf_counter(), self._started.get(job, job.received)
         completion_tokens = sum(sample["tokens"] for sample in samples)
         self.completed += 1
-        job.emit("done", {
+        self._end(job, "done", {
             "samples": samples,
-            "prompt_tokens": min(len(prompt), context),
+            "prompt_tokens": job.prompt_tokens,
             "completion_tokens": completion_tokens,
             "timing": {
                 "queue_seconds": started - job.received,
-                "first_token_seconds": (first_token or finished) - job.received,
+                "first_token_seconds": (job.first_token or finished) - job.received,
                 "total_seconds": finished - job.received,
                 "tokens_per_second": completion_tokens / max(finished - started, 1e-9),
             },
         })  # fmt: skip
+
+    def _end(self, job: Job, kind: str, data: dict) -> None:
+        """Take a job out of the engine (its sequences free their slots at the next step) and tell its client."""
+        for choice in self._jobs.pop(job, []):
+            self.engine.cancel(choice.sequence)
+            self._choices.pop(choice.sequence.id, None)
+        self._count_out(job, started=job in self._started)
+        self._started.pop(job, None)
+        if kind == "cancelled":
+            self.cancelled += 1
+        elif kind == "error":
+            self.failed += 1
+        job.emit(kind, data)
+
+    def _count_out(self, job: Job, started: bool) -> None:
+        with self._lock:
+            self._outstanding -= job.work.choices
+            if not started:
+                self.waiting_jobs -= 1
 
 
 def model_info(teller: Storyteller) -> dict[str, Any]:
@@ -265,10 +367,16 @@ def model_info(teller: Storyteller) -> dict[str, Any]:
     }
 
 
-def create_app(teller: Storyteller, limits: Limits | None = None) -> FastAPI:
+API_KEY_ENV = "GPT_TINYSTORIES_API_KEY"
+
+
+def create_app(teller: Storyteller, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    """The playground's app. With `api_key`, every route but the page and /health wants `Authorization: Bearer
+    KEY` (compared in constant time); the page asks for the key when it gets 401."""
+    from . import openai_api
+
     limits = limits or Limits()
-    worker = StoryWorker(teller, limits.max_queue)
-    CompletionRequest = request_model(limits)  # noqa: N806 (a class)
+    worker = BatchWorker(teller, limits)
     info = {**model_info(teller), "limits": asdict(limits)}
     page = resources.files(__package__).joinpath(PAGE).read_text(encoding="utf-8")
 
@@ -279,36 +387,54 @@ def create_app(teller: Storyteller, limits: Limits | None = None) -> FastAPI:
 
     app = FastAPI(title="gpt-tinystories playground", lifespan=lifespan)
     app.state.worker = worker
+    _add_guards(app, api_key)
 
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.add_exception_handler(Busy, _busy)
-    _add_info_routes(app, worker, info, page)
-
-    def submit(body: BaseModel) -> Job:
-        job = Job(body, asyncio.get_running_loop())
+    def submit(work: Work) -> Job:
+        job = Job(work, asyncio.get_running_loop())
         worker.submit(job)
         return job
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "busy": worker.busy, "queued": worker.queued, "running": len(worker.engine.running),
+                "most_running": worker.most_running, "max_batch": limits.max_batch,
+                "completed": worker.completed, "cancelled": worker.cancelled,
+                "failed": worker.failed, "tokens_generated": worker.tokens_generated}  # fmt: skip
+
+    @app.get("/api/model")
+    async def model() -> dict:
+        return info
+
+    _story_routes(app, request_model(limits), submit)
+    openai_api.add_routes(app, teller, limits, submit)
+    return app
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _story_routes(app: FastAPI, CompletionRequest: type[BaseModel], submit) -> None:  # noqa: N803 (a class)
+    """Our own routes: the whole stories at once, or as Server-Sent Events."""
 
     @app.post("/api/generate")
     async def generate(body: CompletionRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
         """The whole stories at once; a client that disconnects while waiting cancels its request."""
-        job = submit(body)
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
-        try:
-            async for batch in job.events():
-                kind, data = batch[-1]
-                if kind == "done":
-                    return JSONResponse(data)
-                if kind == "error":
-                    return JSONResponse(data, status_code=500)
-            return JSONResponse({"error": "cancelled: the client disconnected"}, status_code=499)  # nobody reads it
-        finally:
-            watcher.cancel()
+        job = submit(Work.of(body))
+        kind, data = await finished(job, request)
+        if kind == "done":
+            return JSONResponse(data)
+        if kind == "error":
+            return JSONResponse(data, status_code=500)
+        return JSONResponse({"error": "cancelled: the client disconnected"}, status_code=499)  # nobody reads it
 
     @app.post("/api/generate/stream")
     async def generate_stream(body: CompletionRequest) -> StreamingResponse:  # type: ignore[valid-type]
         """Server-Sent Events: start, then text as it is written, then done (or error)."""
-        job = submit(body)
+        job = submit(Work.of(body))
 
         async def sse() -> AsyncIterator[str]:
             try:
@@ -317,37 +443,66 @@ def create_app(teller: Storyteller, limits: Limits | None = None) -> FastAPI:
             finally:  # the client is gone (the server cancels this generator) or the story is done
                 job.cancel()
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
-
-    return app
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    problems = [f"{_field_name(e['loc'])}: {e['msg']}" for e in error.errors()]
-    return JSONResponse({"error": "; ".join(problems), "detail": _jsonable(error.errors())}, status_code=422)
+async def finished(job: Job, request: Request) -> tuple[str, dict]:
+    """The last event of a job (done, error or cancelled); a client that disconnects meanwhile cancels it."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        async for batch in job.events():
+            last = batch[-1]
+        return last
+    finally:
+        watcher.cancel()
 
 
-async def _busy(request: Request, error: Busy) -> JSONResponse:
-    return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": "1"})
+def _add_guards(app: FastAPI, api_key: str | None) -> None:
+    """Error shapes (OpenAI's under /v1, ours elsewhere) and the API key check."""
+
+    def problem(request: Request, status: int, message: str, kind: str, code: str | None, **extra) -> JSONResponse:
+        headers = extra.pop("headers", None)
+        if request.url.path.startswith("/v1/"):
+            body = {"error": {"message": message, "type": kind, "param": extra.get("param"), "code": code}}
+        else:
+            body = {"error": message, **extra}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    app.state.problem = problem
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [f"{_field_name(e['loc'])}: {e['msg']}" for e in error.errors()]
+        if request.url.path.startswith("/v1/"):  # OpenAI answers 400 for a bad request
+            param = _field_name(error.errors()[0]["loc"]) if error.errors() else None
+            return problem(request, 400, "; ".join(problems), "invalid_request_error", None, param=param)
+        return problem(request, 422, "; ".join(problems), "", None, detail=_jsonable(error.errors()))
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, error: Busy) -> JSONResponse:
+        return problem(request, 503, str(error), "server_error", "overloaded", headers={"Retry-After": "1"})
+
+    if api_key:
+        app.add_middleware(_KeyCheck, expected=f"Bearer {api_key}".encode(), problem=problem)
 
 
-def _add_info_routes(app: FastAPI, worker: StoryWorker, info: dict, page: str) -> None:
-    """The page, /health and /api/model: everything that does not generate."""
+class _KeyCheck:
+    """ASGI middleware: every route but the page and /health wants the API key (a plain ASGI layer, so
+    streaming responses and disconnects pass through untouched)."""
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def playground() -> str:
-        return page
+    def __init__(self, app, expected: bytes, problem) -> None:
+        self.app, self.expected, self.problem = app, expected, problem
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "busy": worker.current is not None, "queued": worker.queued,
-                "completed": worker.completed, "cancelled": worker.cancelled,
-                "tokens_generated": worker.tokens_generated}  # fmt: skip
-
-    @app.get("/api/model")
-    async def model() -> dict:
-        return info
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/", "/health"):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):  # constant time: the timing of a refusal says nothing
+            return await self.app(scope, receive, send)
+        message = "a valid API key is required: send the header 'Authorization: Bearer KEY'"
+        response = self.problem(Request(scope), 401, message, "invalid_request_error", "invalid_api_key",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        await response(scope, receive, send)
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
