@@ -100,6 +100,8 @@ async def load(url: str, clients: int, seconds: float, max_new_tokens: int) -> l
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:  # no request finished within the row's time
+        return float("nan")
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 

@@ -43,8 +43,8 @@ def decode(
     generators = list(generator) if isinstance(generator, Sequence) else [generator] * len(prompts)
     capacity = min(model.config.context_length, max(map(len, prompts)) + max_new_tokens)
     engine = Engine(model, len(prompts), capacity, compile, prefill_chunk=sum(map(len, prompts)))
-    rows = {engine.add(prompt, max_new_tokens, sampling, eos_id, generator).id: row
-            for row, (prompt, generator) in enumerate(zip(prompts, generators, strict=True))}  # fmt: skip
+    rows = {engine.add(prompt, max_new_tokens, sampling, eos_id, row_generator).id: row
+            for row, (prompt, row_generator) in enumerate(zip(prompts, generators, strict=True))}  # fmt: skip
     try:
         while engine.busy:
             new: list[int | None] = [None] * len(prompts)
