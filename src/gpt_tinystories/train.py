@@ -111,7 +111,7 @@ def _adamw(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}  # CPU: 2.8x foreach
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **fused)
 
 
@@ -232,7 +232,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, wor
         model_config = replace(init_model.config, dropout=config.dropout)
     else:
         tokenizer = load_tokenizer(config.tokenizer, config.data)
-        model_config = config.model_config(tokenizer.vocab_size)
+        model_config = config.model_config(tokenizer.vocab_size, tokenizer.eos_id)
     if config.context_length > model_config.context_length:
         raise UserError(f"context_length {config.context_length} exceeds the model's {model_config.context_length}")
     with world.main_first():  # rank 0 prepares (and caches) the data; the others then find it

@@ -1,0 +1,291 @@
+"""The 10-minute CPU recipe study: which settings give the best model for 10 minutes of a 2-core CPU?
+
+Each arm is the base recipe plus the lines that differ. A 10-minute CPU run of an arm sees
+`10 min x (the arm's CPU tokens/s)` tokens, so the study runs in two phases:
+
+    # 1. on the CPU the recipe is for (a few minutes): each arm's training tokens/s, a few steps each
+    python benchmarks/cpu_recipe_study.py speeds --out speeds.json
+    # 2. on a GPU box (one command, < 4 min on an H100): every arm x 2 seeds for its 10-minute token budget,
+    #    many runs in parallel processes, then the report
+    python benchmarks/cpu_recipe_study.py run RESULTS_DIR --speeds speeds.json
+
+Phase 2 trains on `train-head.txt` less its last 10% of stories, and scores each final model on that held-out
+10% (bits per byte over all its windows); `validation-first1000.txt` is kept for the chosen recipe's final
+figure only. Runs use fp32, as a CPU without native bf16 does. Tokenizers (bpe-2048/4096/8192) are trained
+once, on the training part, before any run starts. RESULTS_DIR gets `report.md` (arms ranked by the mean of
+their seeds, with each seed's figure and the spread), `results.json`, and each run's dir under `runs/`.
+
+Budgets: measured speeds on a shared (contended) machine are low by a common factor, so phase 2 scales them
+so that the `base` arm (the quick start) gets `--anchor` tokens/s (default 4,700: the quick start's speed on a
+quiet 2-core AMD Zen 3 without bf16, issue 14). Pass `--anchor 0` to use the measured figures as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SAMPLE = Path(os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories"))
+BUDGET_SECONDS = 600
+
+# The quick start (configs/quickstart.toml) without its time limit.
+BASE = {"preset": "1M", "tokenizer": "bpe-4096", "context_length": 256, "batch_size": 16, "tokens_per_step": 8192,
+        "lr": 3e-3, "warmup_steps": 100}  # fmt: skip
+# One change per arm (levers of issue 14), then combinations of the changes that earlier studies favoured.
+ARMS: dict[str, dict] = {
+    "base": {},
+    "rope": {"position": "rope"},
+    "muon": {"optimizer": "muon"},
+    "qk-norm": {"qk_norm": True},
+    "wsd": {"schedule": "wsd", "decay_fraction": 0.3},
+    "doc-mask": {"document_mask": True},
+    "vocab-2048": {"tokenizer": "bpe-2048"},
+    "vocab-8192": {"tokenizer": "bpe-8192"},
+    "heads-4x16": {"n_head": 4},  # same width, heads of 16: attention costs heads x T^2 on a CPU
+    "wide-shallow": {"d_model": 128, "n_layer": 4, "n_head": 4},
+    "narrow-deep": {"d_model": 64, "n_layer": 12, "n_head": 4},
+    "ctx-128": {"context_length": 128, "batch_size": 32},
+    "ctx-512-doc": {"context_length": 512, "batch_size": 8, "document_mask": True},
+    "batch-16k": {"tokens_per_step": 16384},
+    "batch-4k": {"tokens_per_step": 4096, "warmup_steps": 200},
+    "lr-6e-3": {"lr": 6e-3},
+    "warmup-30": {"warmup_steps": 30},
+    "combo": {
+        "position": "rope",
+        "optimizer": "muon",
+        "qk_norm": True,
+        "n_head": 4,
+        "schedule": "wsd",
+        "decay_fraction": 0.3,
+        "warmup_steps": 30,
+    },  # fmt: skip
+    "combo-doc": {
+        "position": "rope",
+        "optimizer": "muon",
+        "qk_norm": True,
+        "n_head": 4,
+        "schedule": "wsd",
+        "decay_fraction": 0.3,
+        "warmup_steps": 30,
+        "document_mask": True,
+    },  # fmt: skip
+}
+
+
+def arm_config(name: str) -> dict:
+    return {**BASE, **ARMS[name]}
+
+
+def split_train_head(out: Path, held_out: float = 0.1) -> tuple[Path, Path]:
+    """train-head.txt less its last `held_out` share of stories, and those stories: tuning never sees validation."""
+    stories = [s.strip() for s in (SAMPLE / "train-head.txt").read_text().split("<|endoftext|>") if s.strip()]
+    cut = int(len(stories) * (1 - held_out))
+    paths = out / "train-part.txt", out / "held-out.txt"
+    for path, part in zip(paths, (stories[:cut], stories[cut:]), strict=True):
+        path.write_text("\n<|endoftext|>\n".join(part) + "\n")
+    return paths
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -- phase 1: CPU speeds -------------------------------------------------------------------------
+def measure_speeds(args: argparse.Namespace) -> None:
+    import torch
+
+    from gpt_tinystories.config import TrainConfig
+    from gpt_tinystories.train import train
+
+    results = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "load_before": os.getloadavg()[0], "arms": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("GPT_TINYSTORIES_CACHE", str(Path(tmp) / "cache"))
+        train_part, held_out = split_train_head(Path(tmp))
+        for name in args.arms or ARMS:
+            config = arm_config(name)
+            config["tokenizer"] = _tokenizer(config["tokenizer"], train_part, tmp)
+            run = Path(tmp) / name
+            timing = {
+                "data": str(train_part),
+                "val_data": str(held_out),
+                "max_steps": args.warmup + args.steps,
+                "eval_every": 10**9,
+                "eval_batches": 1,
+                "sample_tokens": 1,
+                "log_every": 1,
+                "device": "cpu",
+            }
+            train(TrainConfig.from_dict({**config, **timing}), run, progress=False)
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            train_records = [r for r in records if r["kind"] == "train"]
+            start, end = train_records[args.warmup - 1], train_records[-1]
+            speed = (end["tokens"] - start["tokens"]) / (end["seconds"] - start["seconds"])
+            precision = json.loads((run / "config.json").read_text())["precision"]
+            results["arms"][name] = {"tokens_per_second": speed, "precision": precision}
+            print(f"{name:<14} {speed:>9,.0f} tokens/s  {precision}", flush=True)
+    results["load_after"] = os.getloadavg()[0]
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"{results['cpu']}, load average {results['load_before']:.1f} -> {results['load_after']:.1f} "
+          f"on {results['cores']} cores -> {args.out}")  # fmt: skip
+
+
+def _tokenizer(spec: str, train_part: Path, folder: str | Path) -> str:
+    """A tokenizer.json trained once on the training part (bpe-N), so that runs share it."""
+    from gpt_tinystories.data import iter_stories
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    target = Path(folder) / "tokenizers" / spec
+    if not (target / "tokenizer.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train(iter_stories(str(train_part)), int(spec.removeprefix("bpe-"))).save(target)
+    return str(target / "tokenizer.json")
+
+
+# -- phase 2: the runs ---------------------------------------------------------------------------
+def run_study(args: argparse.Namespace) -> None:
+    from gpt_tinystories.data import prepare
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    started = time.perf_counter()
+    out = Path(args.results).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["GPT_TINYSTORIES_CACHE"] = str(out / "cache")
+    speeds = json.loads(Path(args.speeds).read_text())
+    measured = speeds["arms"]
+    scale = args.anchor / measured["base"]["tokens_per_second"] if args.anchor else 1.0
+    train_part, held_out = split_train_head(out)
+    arms = [name for name in (args.arms or ARMS) if name in measured]
+    jobs = []
+    for name in arms:
+        config = arm_config(name)
+        tokenizer = _tokenizer(config["tokenizer"], train_part, out)
+        for split, path in (("train", train_part), ("validation", held_out)):  # cached before the runs race
+            prepare(str(path), Tokenizer.load(tokenizer), split=split, progress=False)
+        budget = int(measured[name]["tokens_per_second"] * scale * BUDGET_SECONDS)
+        for seed in range(1, args.seeds + 1):
+            values = {**config, "tokenizer": tokenizer, "data": str(train_part), "val_data": str(held_out),
+                      "max_tokens": budget, "seed": seed, "device": args.device, "precision": "fp32", "threads": 1,
+                      "eval_every": 10**9, "eval_batches": 10**6, "sample_tokens": 150, "log_every": 25}  # fmt: skip
+            config_file = out / "configs" / f"{name}-seed{seed}.json"
+            config_file.parent.mkdir(exist_ok=True)
+            config_file.write_text(json.dumps(values, indent=2))
+            jobs.append((name, seed, budget, config_file, out / "runs" / f"{name}-seed{seed}"))
+    print(f"{len(jobs)} runs ({len(arms)} arms x {args.seeds} seeds), {args.workers} at a time; setup took "
+          f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+
+    def launch(job: tuple) -> dict:
+        name, seed, budget, config_file, run_dir = job
+        command = [
+            sys.executable,
+            "-m",
+            "gpt_tinystories",
+            "train",
+            "--config",
+            str(config_file),
+            "--out",
+            str(run_dir),
+        ]
+        begun = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        result = {"arm": name, "seed": seed, "tokens": budget, "seconds": time.perf_counter() - begun,
+                  "returncode": done.returncode}  # fmt: skip
+        evals = []
+        if (run_dir / "metrics.jsonl").is_file():
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            evals = [r for r in records if r["kind"] == "eval"]
+        if evals:
+            result.update(bpb=evals[-1]["val_bpb"], loss=evals[-1]["val_loss"], sample=evals[-1]["sample"])
+        else:
+            result["error"] = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"{name}-seed{seed}: {result.get('bpb', result.get('error'))} ({result['seconds']:.0f} s)", flush=True)
+        return result
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        results = list(pool.map(launch, jobs))
+    write_report(out, results, speeds, scale, time.perf_counter() - started)
+
+
+def write_report(out: Path, results: list[dict], speeds: dict, scale: float, seconds: float) -> None:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+    by_arm: dict[str, list[dict]] = {}
+    for result in results:
+        by_arm.setdefault(result["arm"], []).append(result)
+    rows = []
+    for name, runs in by_arm.items():
+        figures = [r["bpb"] for r in runs if "bpb" in r]
+        mean = statistics.mean(figures) if figures else float("inf")
+        spread = (max(figures) - min(figures)) if len(figures) > 1 else float("nan")
+        rows.append((mean, name, figures, spread, runs))
+    rows.sort(key=lambda row: row[0])
+    base = next((row[0] for row in rows if row[1] == "base"), None)
+    lines = [
+        "# 10-minute CPU recipe study: results",
+        "",
+        f"Speeds (phase 1) measured on {speeds['cpu']} ({speeds['cores']} cores, torch {speeds['torch']}, load "
+        f"average {speeds['load_before']:.1f} -> {speeds['load_after']:.1f}), scaled by {scale:.2f} so the base arm "
+        f"runs at the anchor speed; budget = {BUDGET_SECONDS} s of that speed. Runs (phase 2) on {device}, fp32, "
+        f"{seconds:.0f} s in all. Score: bits per byte on the held-out last 10% of train-head.txt, all windows.",
+        "",
+        "| arm | change | CPU tokens/s (scaled) | tokens | bits/byte per seed | mean | spread (max-min) | vs base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mean, name, figures, spread, runs in rows:
+        speed = speeds["arms"][name]["tokens_per_second"] * scale
+        change = ", ".join(f"{k}={v}" for k, v in ARMS[name].items()) or "quick start"
+        seeds = ", ".join(f"{f:.4f}" for f in figures) or runs[0].get("error", "failed")
+        versus = f"{mean - base:+.4f}" if base is not None and figures else "-"
+        lines.append(f"| {name} | {change} | {speed:,.0f} | {runs[0]['tokens']:,} | {seeds} | {mean:.4f} | "
+                     f"{spread:.4f} | {versus} |")  # fmt: skip
+    best = rows[0]
+    if best[4] and "sample" in best[4][0]:
+        lines += [
+            "",
+            f"Sample of the best arm ({best[1]}, seed {best[4][0]['seed']}):",
+            "",
+            f"> {best[4][0]['sample']}",
+        ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"speeds": speeds, "scale": scale, "runs": results}, indent=2))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    speeds = commands.add_parser("speeds", help="phase 1: each arm's CPU training tokens/s")
+    speeds.add_argument("--out", default="speeds.json")
+    speeds.add_argument("--steps", type=int, default=3, help="timed steps per arm")
+    speeds.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    speeds.add_argument("--arms", nargs="*", choices=list(ARMS))
+    run = commands.add_parser("run", help="phase 2: every arm for its 10-minute budget, then the report")
+    run.add_argument("results", help="folder for the runs and report.md")
+    run.add_argument("--speeds", required=True, help="phase 1's speeds.json")
+    run.add_argument("--anchor", type=float, default=4700.0, help="tokens/s of the base arm (0: as measured)")
+    run.add_argument("--seeds", type=int, default=2)
+    run.add_argument("--workers", type=int, default=12, help="runs at a time")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--arms", nargs="*", choices=list(ARMS))
+    args = parser.parse_args()
+    measure_speeds(args) if args.command == "speeds" else run_study(args)
+
+
+if __name__ == "__main__":
+    main()
