@@ -3,7 +3,7 @@
 Each arm is the base recipe plus the lines that differ. A 10-minute CPU run of an arm sees
 `10 min x (the arm's CPU tokens/s)` tokens, so the study runs in two phases:
 
-    # 1. on the CPU the recipe is for (a few minutes): each arm's training tokens/s, a few steps each
+    # 1. on the CPU the recipe is for: each arm's training speed relative to the base arm, timed alternately
     python benchmarks/cpu_recipe_study.py speeds --out speeds.json
     # 2. on a GPU box (one command, < 4 min on an H100): every arm x 2 seeds for its 10-minute token budget,
     #    many runs in parallel processes, then the report
@@ -13,7 +13,8 @@ Phase 2 trains on `train-head.txt` less its last 10% of stories, and scores each
 10% (bits per byte over all its windows); `validation-first1000.txt` is kept for the chosen recipe's final
 figure only. Runs use fp32, as a CPU without native bf16 does. Tokenizers (bpe-2048/4096/8192) are trained
 once, on the training part, before any run starts. RESULTS_DIR gets `report.md` (arms ranked by the mean of
-their seeds, with each seed's figure and the spread), `results.json`, and each run's dir under `runs/`.
+their seeds, with each seed's figure and the spread) and `results.json`; the run dirs go to `--work`. No run
+starts or goes on past `--time-limit` seconds (default 215): arms' first seeds run before any second seed.
 
 Budgets: measured speeds on a shared (contended) machine are low by a common factor, so phase 2 scales them
 so that the `base` arm (the quick start) gets `--anchor` tokens/s (default 4,700: the quick start's speed on a
@@ -29,7 +30,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,42 +107,80 @@ def cpu_name() -> str:
 
 # -- phase 1: CPU speeds -------------------------------------------------------------------------
 def measure_speeds(args: argparse.Namespace) -> None:
+    """Each arm's training step time against the base arm's, timed alternately (a shared machine's load drifts
+    by more than the arms differ): fp32, forward + backward of each micro-batch and one optimizer update per
+    step, as train() does it. Token values do not change the speed, so the batches are random tokens of the
+    arm's vocabulary with an end of story every 100-300 tokens (TinyStories' stories); no tokenizer is trained.
+    Arms that change only the learning-rate schedule run at the base arm's speed and are not timed."""
     import torch
-
-    from gpt_tinystories.config import TrainConfig
-    from gpt_tinystories.train import train
 
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                "load_before": os.getloadavg()[0], "arms": {}}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("GPT_TINYSTORIES_CACHE", str(Path(tmp) / "cache"))
-        train_part, held_out = split_train_head(Path(tmp))
-        for name in args.arms or ARMS:
-            config = arm_config(name)
-            config["tokenizer"] = _tokenizer(config["tokenizer"], train_part, tmp)
-            run = Path(tmp) / name
-            timing = {
-                "data": str(train_part),
-                "val_data": str(held_out),
-                "max_steps": args.warmup + args.steps,
-                "eval_every": 10**9,
-                "eval_batches": 1,
-                "sample_tokens": 1,
-                "log_every": 1,
-                "device": "cpu",
-            }
-            train(TrainConfig.from_dict({**config, **timing}), run, progress=False)
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            train_records = [r for r in records if r["kind"] == "train"]
-            start, end = train_records[args.warmup - 1], train_records[-1]
-            speed = (end["tokens"] - start["tokens"]) / (end["seconds"] - start["seconds"])
-            precision = json.loads((run / "config.json").read_text())["precision"]
-            results["arms"][name] = {"tokens_per_second": speed, "precision": precision}
-            print(f"{name:<14} {speed:>9,.0f} tokens/s  {precision}", flush=True)
+    base = _Stepper("base")
+    for name in args.arms or ARMS:
+        if set(ARMS[name]) <= SCHEDULE_ONLY:
+            results["arms"][name] = {"tokens_per_second": None, "same_speed_as": "base"}
+            continue
+        arm = _Stepper(name)
+        pairs = [(base.time(), arm.time()) for _ in range(args.warmup + args.steps)][args.warmup :]
+        ratio = statistics.median(b / a for b, a in pairs)  # > 1: the arm is faster than base
+        results["arms"][name] = {"tokens_per_second": ratio * base.speed(pairs[-1][0]), "ratio_to_base": ratio}
+        print(f"{name:<14} {ratio:5.2f}x base", flush=True)
+    base_speed = results["arms"].get("base", {}).get("tokens_per_second")
+    for value in results["arms"].values():
+        if value.get("same_speed_as") == "base":
+            value.update(tokens_per_second=base_speed, ratio_to_base=1.0)
     results["load_after"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{results['cpu']}, load average {results['load_before']:.1f} -> {results['load_after']:.1f} "
           f"on {results['cores']} cores -> {args.out}")  # fmt: skip
+
+
+SCHEDULE_ONLY = {"lr", "schedule", "decay_fraction", "warmup_steps"}
+
+
+class _Stepper:
+    """One arm's model and optimizers on a fixed batch: `time()` runs a training step and returns its seconds."""
+
+    def __init__(self, name: str) -> None:
+        import torch
+
+        from gpt_tinystories.config import TrainConfig
+        from gpt_tinystories.model import GPT
+        from gpt_tinystories.train import make_optimizers
+
+        self.config = TrainConfig.from_dict({**arm_config(name), "tokenizer": "gpt2"}).resolved()
+        vocab = int(arm_config(name)["tokenizer"].removeprefix("bpe-"))
+        torch.manual_seed(0)
+        self.model = GPT(self.config.model_config(vocab, eos_id=0))
+        self.optimizers = make_optimizers(self.model, self.config, torch.device("cpu"))
+        self.idx = synthetic_stories(self.config.batch_size, self.config.context_length + 1, vocab)
+        self.accumulation = -(-self.config.tokens_per_step // (self.config.batch_size * self.config.context_length))
+
+    def time(self) -> float:
+        started = time.perf_counter()
+        for _ in range(self.accumulation):
+            self.model.loss(self.idx[:, :-1], self.idx[:, 1:]).backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    def speed(self, seconds: float) -> float:
+        return self.accumulation * self.config.batch_size * self.config.context_length / seconds
+
+
+def synthetic_stories(batch: int, length: int, vocab: int, eos: int = 0):  # noqa: ANN201 (a torch tensor)
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(1, vocab, (batch, length), generator=generator)
+    for row in idx:
+        position = int(torch.randint(0, 200, (1,), generator=generator))
+        while position < length:
+            row[position] = eos
+            position += int(torch.randint(100, 300, (1,), generator=generator))
+    return idx
 
 
 def _tokenizer(spec: str, train_part: Path, folder: str | Path) -> str:
@@ -163,8 +201,10 @@ def run_study(args: argparse.Namespace) -> None:
     from gpt_tinystories.tokenizer import Tokenizer
 
     started = time.perf_counter()
-    out = Path(args.results).resolve()
+    results_dir = Path(args.results).resolve()
+    out = Path(args.work).resolve() if args.work else results_dir / "work"
     out.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
     os.environ["GPT_TINYSTORIES_CACHE"] = str(out / "cache")
     speeds = json.loads(Path(args.speeds).read_text())
     measured = speeds["arms"]
@@ -191,6 +231,10 @@ def run_study(args: argparse.Namespace) -> None:
 
     def launch(job: tuple) -> dict:
         name, seed, budget, config_file, run_dir = job
+        result = {"arm": name, "seed": seed, "tokens": budget, "seconds": 0.0}
+        left = args.time_limit - (time.perf_counter() - started)
+        if left < 30:  # not worth starting: reported as not run
+            return {**result, "error": f"not started: past the {args.time_limit:.0f} s time limit"}
         command = [
             sys.executable,
             "-m",
@@ -202,9 +246,11 @@ def run_study(args: argparse.Namespace) -> None:
             str(run_dir),
         ]
         begun = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
-        result = {"arm": name, "seed": seed, "tokens": budget, "seconds": time.perf_counter() - begun,
-                  "returncode": done.returncode}  # fmt: skip
+        try:
+            stderr = subprocess.run(command, capture_output=True, text=True, timeout=left).stderr
+        except subprocess.TimeoutExpired:
+            stderr = f"stopped at the {args.time_limit:.0f} s time limit"
+        result["seconds"] = time.perf_counter() - begun
         evals = []
         if (run_dir / "metrics.jsonl").is_file():
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -212,13 +258,13 @@ def run_study(args: argparse.Namespace) -> None:
         if evals:
             result.update(bpb=evals[-1]["val_bpb"], loss=evals[-1]["val_loss"], sample=evals[-1]["sample"])
         else:
-            result["error"] = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            result["error"] = (stderr.strip().splitlines() or ["no output"])[-1]
         print(f"{name}-seed{seed}: {result.get('bpb', result.get('error'))} ({result['seconds']:.0f} s)", flush=True)
         return result
 
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(launch, jobs))
-    write_report(out, results, speeds, scale, time.perf_counter() - started)
+    write_report(results_dir, results, speeds, scale, time.perf_counter() - started)
 
 
 def write_report(out: Path, results: list[dict], speeds: dict, scale: float, seconds: float) -> None:
@@ -272,12 +318,13 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     speeds = commands.add_parser("speeds", help="phase 1: each arm's CPU training tokens/s")
     speeds.add_argument("--out", default="speeds.json")
-    speeds.add_argument("--steps", type=int, default=3, help="timed steps per arm")
-    speeds.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    speeds.add_argument("--steps", type=int, default=3, help="timed steps per arm, each beside one of base")
+    speeds.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     speeds.add_argument("--arms", nargs="*", choices=list(ARMS))
     run = commands.add_parser("run", help="phase 2: every arm for its 10-minute budget, then the report")
     run.add_argument("results", help="folder for the runs and report.md")
     run.add_argument("--speeds", required=True, help="phase 1's speeds.json")
+    run.add_argument("--work", help="folder for data, tokenizers and run dirs (default: RESULTS_DIR/work)")
     run.add_argument("--anchor", type=float, default=4700.0, help="tokens/s of the base arm (0: as measured)")
     run.add_argument("--seeds", type=int, default=2)
     run.add_argument("--workers", type=int, default=12, help="runs at a time")

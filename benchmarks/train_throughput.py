@@ -1,7 +1,7 @@
 """Training throughput: our trainer against Hugging Face transformers' GPT2LMHeadModel, side by side.
 
     python benchmarks/train_throughput.py [--preset 8M] [--tokenizer bpe-4096|gpt2] [--batch-size 8]
-        [--document-mask] [--attention auto|sdpa|blocked|flex]
+        [--document-mask] [--attention auto|sdpa|blocked|flex] [--compile]
 
 Both train the same model shape on the same batches of the shared TinyStories sample, one after the other in
 fresh processes (so neither shares cores or allocator state with the other):
@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> dict:
                          tokens_per_step=args.batch_size * args.context, max_steps=steps, eval_every=10**9,
                          eval_batches=1, sample_tokens=1, log_every=1, device=args.device, warmup_steps=2)  # fmt: skip
     if args.worker in ("ours", "ours-doc"):
-        extra = {"attention": args.attention, "document_mask": args.worker == "ours-doc"}
+        extra = {"attention": args.attention, "document_mask": args.worker == "ours-doc", "compile": args.compile}
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer_file = str(tokenizer.save(tmp))
             ours = TrainConfig(**{**config.to_dict(), "tokenizer": tokenizer_file, **extra})
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; medians are shown")
     parser.add_argument("--attention", default="auto", help="our attention kernel (auto measures)")
     parser.add_argument("--document-mask", action="store_true", help="also time ours with document masking")
+    parser.add_argument("--compile", action="store_true", help="ours with torch.compile (compiles in warm-up)")
     parser.add_argument("--worker", choices=["ours", "ours-doc", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -130,3 +130,19 @@ def test_config_errors_name_the_field():
         TrainConfig(attention="fast").resolved()
     assert TrainConfig(document_mask=True).model_config(vocab_size=50, eos_id=7).eos_id == 7
     assert TrainConfig().model_config(vocab_size=50, eos_id=7).eos_id is None
+
+
+def test_the_cpu_recipe_config_builds_a_model_that_trains():
+    from pathlib import Path
+
+    from gpt_tinystories.config import load_config_file
+
+    config = TrainConfig.from_dict(load_config_file(Path(__file__).parents[1] / "configs/cpu-10min.toml")).resolved()
+    model_config = config.model_config(vocab_size=4096, eos_id=EOS)
+    assert (model_config.n_head, model_config.head_size, model_config.position) == (4, 16, "rope")
+    assert config.max_time == "10m" and config.optimizer == "muon"
+    model = GPT(model_config)
+    idx = torch.randint(1, 4096, (2, 65))
+    loss = model.loss(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert abs(loss.item() - torch.log(torch.tensor(4096.0)).item()) < 0.5

@@ -148,15 +148,22 @@ class AttentionPlan:
         with torch.random.fork_rng(devices=[]):  # no dropout draws may shift the run's RNG stream
             inputs = [q.detach().clone().requires_grad_(training) for _ in range(3)]
             for kernel in candidates:
-                for _ in range(2):  # the first is a warm-up (and flex's compilation)
-                    _sync(q.device)
-                    started = time.perf_counter()
-                    out = self.run(kernel, *inputs, scale)
-                    if training:
-                        out.sum().backward()
-                    _sync(q.device)
-                    timings[kernel] = time.perf_counter() - started
+                try:
+                    for _ in range(2):  # the first is a warm-up (and flex's compilation)
+                        timings[kernel] = self._time(kernel, inputs, scale, training)
+                except Exception as error:  # e.g. flex's Triton kernels refuse heads smaller than 16
+                    timings.pop(kernel, None)
+                    _tell(f"attention auto: {kernel} cannot run this shape ({type(error).__name__}); not using it")
         return min(timings, key=timings.get)
+
+    def _time(self, kernel: str, inputs: list[torch.Tensor], scale: float | None, training: bool) -> float:
+        _sync(inputs[0].device)
+        started = time.perf_counter()
+        out = self.run(kernel, *inputs, scale)
+        if training:
+            out.sum().backward()
+        _sync(inputs[0].device)
+        return time.perf_counter() - started
 
 
 def _causal(b, h, query, key):  # noqa: ANN001, ANN202 (flex's mask_mod signature)
