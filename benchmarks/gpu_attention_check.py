@@ -108,6 +108,18 @@ def time_kernels(device: torch.device) -> None:
                 print(f"  {label:<8} {kernel:<8} {(time.perf_counter() - started) * 100:.2f} ms fwd+bwd")
             except Exception as error:
                 print(f"  {label:<8} {kernel:<8} FAILED {type(error).__name__}: {error}")
+    # Training draws new stories every step: a new block mask (and mask function) must not recompile flex.
+    try:
+        started = time.perf_counter()
+        for seed in range(1, 6):
+            docs = attention.document_ids(stories(batch, time_, 4096, seed).to(device), EOS)
+            q, k, v = (t.clone().requires_grad_() for t in qkv)
+            attention.AttentionPlan("flex", docs)(q, k, v, None).sum().backward()
+        torch.cuda.synchronize()
+        print(f"  stories  flex, new stories each call: {(time.perf_counter() - started) * 200:.2f} ms fwd+bwd "
+              "(with the block mask; far above the line above means recompilation)")  # fmt: skip
+    except Exception as error:
+        print(f"  stories  flex, new stories each call: FAILED {type(error).__name__}: {error}")
 
 
 def mfu(device: torch.device, steps: int, document_mask: bool, compile: bool) -> None:

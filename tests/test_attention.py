@@ -146,3 +146,20 @@ def test_the_cpu_recipe_config_builds_a_model_that_trains():
     loss = model.loss(idx[:, :-1], idx[:, 1:])
     loss.backward()
     assert abs(loss.item() - torch.log(torch.tensor(4096.0)).item()) < 0.5
+
+
+def test_train_cli_forcing_flex_where_it_cannot_train_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    from conftest import sample
+
+    from gpt_tinystories.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--preset", "1M", "--d-model", "32", "--n-layer", "1", "--n-head", "4", "--context-length", "32",
+            "--batch-size", "2", "--tokens-per-step", "64", "--max-steps", "1", "--tokenizer", "bpe-300",
+            "--data", str(sample("fixture-5-stories.txt")), "--attention", "flex", "--out", str(out)]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gpt-tinystories: error: attention flex: torch {torch.__version__} has no flex_attention backward on CPU; "
+        "use attention = auto, blocked or sdpa"
+    ]
+    assert not out.exists()
