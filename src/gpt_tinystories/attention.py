@@ -7,7 +7,9 @@ its precision:
 - `sdpa`: PyTorch's fused scaled_dot_product_attention, causal; with documents, a dense (time x time) mask.
 - `blocked`: with documents, causal SDPA on each story separately, so the pairs across stories — about 2/3 of
   a 512-token window of ~200-token stories — are never computed. Without documents it is plain causal SDPA:
-  the fused causal kernels (CPU flash included) already skip the blocks above the diagonal.
+  the fused causal kernels (CPU flash included) already skip the blocks above the diagonal. On a CPU it was
+  measured slower than the dense mask (Xeon Cascade Lake, torch 2.13): the CPU flash kernel's cost per pair is
+  several times higher on short sequences than on one long one — hence measuring, not assuming.
 - `flex`: torch.nn.attention.flex_attention with a causal (+ document) block mask, compiled. Its CPU
   version (inductor, needs a C++ compiler) has no backward in torch <= 2.13: on CPU it serves evaluation only.
 KV-cache decoding does not come here (see model.KVCache): a prompt is decoded as one story.
@@ -139,7 +141,7 @@ class AttentionPlan:
         if key not in _chosen:
             _chosen[key] = self.measure(candidates, q, scale, training)
         if problem is not None and (training or q.device.type == "cuda"):
-            _tell(f"attention auto: {problem}; stories are masked by {_chosen[key]} SDPA instead of flex")
+            _tell(f"attention auto: {problem}; masking stories with {_chosen[key]} instead of flex")
         return _chosen[key]
 
     def measure(self, candidates: list[str], q: torch.Tensor, scale: float | None, training: bool) -> str:
