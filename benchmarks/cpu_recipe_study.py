@@ -16,9 +16,11 @@ once, on the training part, before any run starts. RESULTS_DIR gets `report.md` 
 their seeds, with each seed's figure and the spread) and `results.json`; the run dirs go to `--work`. No run
 starts or goes on past `--time-limit` seconds (default 215): arms' first seeds run before any second seed.
 
-Budgets: measured speeds on a shared (contended) machine are low by a common factor, so phase 2 scales them
-so that the `base` arm (the quick start) gets `--anchor` tokens/s (default 4,700: the quick start's speed on a
-quiet 2-core AMD Zen 3 without bf16, issue 14). Pass `--anchor 0` to use the measured figures as they are.
+Budgets: phase 1 times each arm alternately with the base arm (the quick start) and records its speed as a
+ratio to base's, which a shared machine's drifting load leaves alone better than absolute figures. Phase 2
+gives each arm `600 s x ratio x --anchor` tokens, the anchor being base's tokens/s on the target CPU (default
+4,700: the quick start on a quiet 2-core AMD Zen 3 without bf16, issue 14); `--anchor 0` uses base's measured
+speed instead.
 """
 
 from __future__ import annotations
@@ -116,20 +118,21 @@ def measure_speeds(args: argparse.Namespace) -> None:
 
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                "load_before": os.getloadavg()[0], "arms": {}}  # fmt: skip
-    base = _Stepper("base")
+    base, base_times = _Stepper("base"), []
     for name in args.arms or ARMS:
-        if set(ARMS[name]) <= SCHEDULE_ONLY:
-            results["arms"][name] = {"tokens_per_second": None, "same_speed_as": "base"}
+        if name != "base" and set(ARMS[name]) <= SCHEDULE_ONLY:
+            results["arms"][name] = {"same_speed_as": "base", "ratio_to_base": 1.0}
             continue
         arm = _Stepper(name)
         pairs = [(base.time(), arm.time()) for _ in range(args.warmup + args.steps)][args.warmup :]
-        ratio = statistics.median(b / a for b, a in pairs)  # > 1: the arm is faster than base
-        results["arms"][name] = {"tokens_per_second": ratio * base.speed(pairs[-1][0]), "ratio_to_base": ratio}
+        # tokens/s of the arm over that of base in the same moment; > 1: the arm trains faster
+        ratio = statistics.median(arm.tokens / a / (base.tokens / b) for b, a in pairs)
+        base_times += [b for b, _ in pairs]
+        results["arms"][name] = {"ratio_to_base": ratio}
         print(f"{name:<14} {ratio:5.2f}x base", flush=True)
-    base_speed = results["arms"].get("base", {}).get("tokens_per_second")
-    for value in results["arms"].values():
-        if value.get("same_speed_as") == "base":
-            value.update(tokens_per_second=base_speed, ratio_to_base=1.0)
+    base_speed = base.tokens / statistics.median(base_times) if base_times else None
+    for value in results["arms"].values():  # the base arm's median speed over the whole measurement
+        value["tokens_per_second"] = value["ratio_to_base"] * base_speed if base_speed else None
     results["load_after"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{results['cpu']}, load average {results['load_before']:.1f} -> {results['load_after']:.1f} "
@@ -158,6 +161,7 @@ class _Stepper:
         self.rows = min(self.config.batch_size, max(4, self.config.batch_size // 4))
         self.idx = synthetic_stories(self.rows, self.config.context_length + 1, vocab)
         self.accumulation = -(-self.config.tokens_per_step // (self.config.batch_size * self.config.context_length))
+        self.tokens = self.accumulation * self.config.batch_size * self.config.context_length  # per step
 
     def time(self) -> float:
         """Seconds of one whole training step, estimated from a part of a micro-batch and one update."""
@@ -169,9 +173,6 @@ class _Stepper:
             optimizer.zero_grad(set_to_none=True)
         micro = (between - started) * self.config.batch_size / self.rows
         return self.accumulation * micro + time.perf_counter() - between
-
-    def speed(self, seconds: float) -> float:
-        return self.accumulation * self.config.batch_size * self.config.context_length / seconds
 
 
 def synthetic_stories(batch: int, length: int, vocab: int, eos: int = 0):  # noqa: ANN201 (a torch tensor)
@@ -212,7 +213,7 @@ def run_study(args: argparse.Namespace) -> None:
     os.environ["GPT_TINYSTORIES_CACHE"] = str(out / "cache")
     speeds = json.loads(Path(args.speeds).read_text())
     measured = speeds["arms"]
-    scale = args.anchor / measured["base"]["tokens_per_second"] if args.anchor else 1.0
+    base_speed = args.anchor or measured["base"]["tokens_per_second"]  # budgets: ratio to base x base's speed
     train_part, held_out = split_train_head(out)
     arms = [name for name in (args.arms or ARMS) if name in measured]
     jobs = []
@@ -221,7 +222,7 @@ def run_study(args: argparse.Namespace) -> None:
         tokenizer = _tokenizer(config["tokenizer"], train_part, out)
         for split, path in (("train", train_part), ("validation", held_out)):  # cached before the runs race
             prepare(str(path), Tokenizer.load(tokenizer), split=split, progress=False)
-        budget = int(measured[name]["tokens_per_second"] * scale * BUDGET_SECONDS)
+        budget = int(measured[name]["ratio_to_base"] * base_speed * BUDGET_SECONDS)
         for seed in range(1, args.seeds + 1):
             values = {**config, "tokenizer": tokenizer, "data": str(train_part), "val_data": str(held_out),
                       "max_tokens": budget, "seed": seed, "device": args.device, "precision": "fp32", "threads": 1,
@@ -231,6 +232,7 @@ def run_study(args: argparse.Namespace) -> None:
             config_file.parent.mkdir(exist_ok=True)
             config_file.write_text(json.dumps(values, indent=2))
             jobs.append((name, seed, budget, config_file, out / "runs" / f"{name}-seed{seed}"))
+    jobs.sort(key=lambda job: job[1])  # every arm's first seed before any second one: a time limit cuts seeds
     print(f"{len(jobs)} runs ({len(arms)} arms x {args.seeds} seeds), {args.workers} at a time; setup took "
           f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
 
@@ -269,10 +271,10 @@ def run_study(args: argparse.Namespace) -> None:
 
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(launch, jobs))
-    write_report(results_dir, results, speeds, scale, time.perf_counter() - started)
+    write_report(results_dir, results, speeds, base_speed, time.perf_counter() - started)
 
 
-def write_report(out: Path, results: list[dict], speeds: dict, scale: float, seconds: float) -> None:
+def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float, seconds: float) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
@@ -291,15 +293,16 @@ def write_report(out: Path, results: list[dict], speeds: dict, scale: float, sec
         "# 10-minute CPU recipe study: results",
         "",
         f"Speeds (phase 1) measured on {speeds['cpu']} ({speeds['cores']} cores, torch {speeds['torch']}, load "
-        f"average {speeds['load_before']:.1f} -> {speeds['load_after']:.1f}), scaled by {scale:.2f} so the base arm "
-        f"runs at the anchor speed; budget = {BUDGET_SECONDS} s of that speed. Runs (phase 2) on {device}, fp32, "
+        f"average {speeds['load_before']:.1f} -> {speeds['load_after']:.1f}) as ratios to the base arm, timed "
+        f"alternately; CPU tokens/s = ratio x {base_speed:,.0f} (the base arm's), budget = {BUDGET_SECONDS} s of "
+        f"that. Runs (phase 2) on {device}, fp32, "
         f"{seconds:.0f} s in all. Score: bits per byte on the held-out last 10% of train-head.txt, all windows.",
         "",
-        "| arm | change | CPU tokens/s (scaled) | tokens | bits/byte per seed | mean | spread (max-min) | vs base |",
+        "| arm | change | CPU tokens/s | tokens | bits/byte per seed | mean | spread (max-min) | vs base |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for mean, name, figures, spread, runs in rows:
-        speed = speeds["arms"][name]["tokens_per_second"] * scale
+        speed = speeds["arms"][name]["ratio_to_base"] * base_speed
         change = ", ".join(f"{k}={v}" for k, v in ARMS[name].items()) or "quick start"
         seeds = ", ".join(f"{f:.4f}" for f in figures) or runs[0].get("error", "failed")
         versus = f"{mean - base:+.4f}" if base is not None and figures else "-"
@@ -314,7 +317,9 @@ def write_report(out: Path, results: list[dict], speeds: dict, scale: float, sec
             f"> {best[4][0]['sample']}",
         ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"speeds": speeds, "scale": scale, "runs": results}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"speeds": speeds, "base_speed": base_speed, "runs": results}, indent=2)
+    )
     print("\n".join(lines))
 
 
@@ -335,6 +340,7 @@ def main() -> None:
     run.add_argument("--workers", type=int, default=12, help="runs at a time")
     run.add_argument("--device", default="auto")
     run.add_argument("--arms", nargs="*", choices=list(ARMS))
+    run.add_argument("--time-limit", type=float, default=215, help="seconds: no run starts or goes on past it")
     args = parser.parse_args()
     measure_speeds(args) if args.command == "speeds" else run_study(args)
 
