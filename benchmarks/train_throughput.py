@@ -1,6 +1,7 @@
 """Training throughput: our trainer against Hugging Face transformers' GPT2LMHeadModel, side by side.
 
     python benchmarks/train_throughput.py [--preset 8M] [--tokenizer bpe-4096|gpt2] [--batch-size 8]
+        [--document-mask] [--attention auto|sdpa|blocked|flex] [--compile]
 
 Both train the same model shape on the same batches of the shared TinyStories sample, one after the other in
 fresh processes (so neither shares cores or allocator state with the other):
@@ -8,7 +9,11 @@ fresh processes (so neither shares cores or allocator state with the other):
   AdamW, clipping), timed from its own per-step clock after warm-up steps;
 - HF: `GPT2LMHeadModel(attn_implementation="sdpa")`, its plain training step (`loss = model(input_ids,
   labels=...).loss; backward; AdamW step`) in fp32, as a user of transformers would write it.
-Peak memory is the peak resident set of each process (CPU) or peak allocated CUDA memory.
+- ours with --document-mask as a third side: attention kept within each story (a different model, so
+  named apart; the first two compute the same thing).
+Peak memory is the peak resident set of each process (CPU) or peak allocated CUDA memory. The header names
+the CPU, its vector flags (bf16 autocast pays only with native bf16) and the load average before and after:
+a load above the core count means other processes shared the cores, and the figures are contended.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ def worker(args: argparse.Namespace) -> dict:
     config = TrainConfig(preset=args.preset, data=data, batch_size=args.batch_size, context_length=args.context,
                          tokens_per_step=args.batch_size * args.context, max_steps=steps, eval_every=10**9,
                          eval_batches=1, sample_tokens=1, log_every=1, device=args.device, warmup_steps=2)  # fmt: skip
-    if args.worker == "ours":
+    if args.worker in ("ours", "ours-doc"):
+        extra = {"attention": args.attention, "document_mask": args.worker == "ours-doc", "compile": args.compile}
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer_file = str(tokenizer.save(tmp))
-            train(TrainConfig(**{**config.to_dict(), "tokenizer": tokenizer_file}), Path(tmp) / "run", progress=False)
+            ours = TrainConfig(**{**config.to_dict(), "tokenizer": tokenizer_file, **extra})
+            train(ours, Path(tmp) / "run", progress=False)
             lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
             records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
             precision = json.loads((Path(tmp) / "run" / "config.json").read_text())["precision"]
@@ -94,7 +101,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each side; medians are shown")
-    parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--attention", default="auto", help="our attention kernel (auto measures)")
+    parser.add_argument("--document-mask", action="store_true", help="also time ours with document masking")
+    parser.add_argument("--compile", action="store_true", help="ours with torch.compile (compiles in warm-up)")
+    parser.add_argument("--worker", choices=["ours", "ours-doc", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -104,16 +114,21 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")  # fmt: skip
+    print(f"cpu: {cpu_description()}; torch vector ISA {torch.backends.cpu.get_cpu_capability()}")
+    load_before = os.getloadavg()[0]
     print(f"preset {args.preset}, tokenizer {args.tokenizer}, batch {args.batch_size}x{args.context}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps")  # fmt: skip
-    runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+    runs: dict[str, list[dict]] = {"hf": [], "ours": [], **({"ours-doc": []} if args.document_mask else {})}
     for _ in range(args.rounds):  # alternate, so drifting machine load hits both sides alike
         for side in runs:
             command = [sys.executable, __file__, *sys.argv[1:], "--worker", side]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[side].append(json.loads(output.strip().splitlines()[-1]))
     medians = {}
-    for side, name in (("hf", "transformers GPT2LMHeadModel"), ("ours", "gpt-tinystories")):
+    names = {"hf": "transformers GPT2LMHeadModel", "ours": "gpt-tinystories", "ours-doc": "  + document mask"}
+    for side, name in names.items():
+        if side not in runs:
+            continue
         speeds = sorted(r["tokens_per_second"] for r in runs[side])
         medians[side] = speeds[len(speeds) // 2]
         memory = max(r["peak_memory_mb"] for r in runs[side])
@@ -121,7 +136,27 @@ def main() -> None:
             f"{name:<30} {medians[side]:>8,.0f} tokens/s (runs: {', '.join(f'{s:,.0f}' for s in speeds)})  "
             f"{runs[side][0]['precision']}  peak memory {memory:,.0f} MB"
         )
-    print(f"speed-up (median over median): {medians['ours'] / medians['hf']:.2f}x")
+    print(
+        f"speed-up (median over median): {medians['ours'] / medians['hf']:.2f}x"
+        + (f"; with document mask {medians['ours-doc'] / medians['hf']:.2f}x" if args.document_mask else "")
+    )
+    load = (load_before, os.getloadavg()[0])
+    busy = "contended: other processes shared the cores" if max(load) > (os.cpu_count() or 1) else "quiet"
+    print(f"load average {load[0]:.1f} before, {load[1]:.1f} after, {os.cpu_count()} cores: {busy}")
+
+
+def cpu_description() -> str:
+    """The CPU model and the flags that decide fast fp32/bf16 paths (Linux /proc/cpuinfo; else platform)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    info = dict(line.split(":", 1) for line in lines if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    native_bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no native bf16"
+    return f"{info.get('model name', 'unknown')} ({', '.join(shown) or 'no AVX2'}; {native_bf16})"
 
 
 if __name__ == "__main__":

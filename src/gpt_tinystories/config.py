@@ -49,6 +49,10 @@ class ModelConfig:
     attn_scale: float | None = None  # None: 1/sqrt(head size); GPT-Neo does not scale (1.0)
     local_window: int | None = None  # how far back the local-attention layers look (GPT-Neo: 256)
     local_layers: tuple[int, ...] = ()  # the layers that attend locally (GPT-Neo: every other one)
+    # How whole sequences attend (see attention.py): auto | sdpa | flex | blocked. Decoding uses the KV cache.
+    attention: str = "auto"
+    document_mask: bool = False  # attention never crosses a story boundary: eos_id starts a new document
+    eos_id: int | None = None  # the tokenizer's end-of-story token; needed by document_mask
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_layers", tuple(self.local_layers))  # JSON gives a list
@@ -81,6 +85,10 @@ class ModelConfig:
             raise UserError(f"model config: local_layers must be layer numbers 0..{self.n_layer - 1}")
         if self.local_layers and not (isinstance(self.local_window, int) and self.local_window > 0):
             raise UserError("model config: local_layers need a positive local_window")
+        if self.document_mask and not (
+            isinstance(self.eos_id, int) and not isinstance(self.eos_id, bool) and 0 <= self.eos_id < self.vocab_size
+        ):  # fmt: skip
+            raise UserError(f"model config: document_mask needs eos_id, the end-of-story token id; got {self.eos_id!r}")
 
     @classmethod
     def from_preset(cls, preset: str, vocab_size: int, **overrides: object) -> ModelConfig:
@@ -140,6 +148,7 @@ CHOICES = {
     "position": ("learned", "rope", "none"),
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu_tanh", "gelu", "relu2", "swiglu"),
+    "attention": ("auto", "sdpa", "flex", "blocked"),
 }
 
 
@@ -190,6 +199,8 @@ class TrainConfig:
     bias: bool | None = None
     tied_embeddings: bool | None = None
     parallel_blocks: bool | None = None
+    attention: str | None = None  # auto | sdpa | flex | blocked (see attention.py)
+    document_mask: bool | None = None  # attention never crosses a story boundary (the tokenizer's EOS)
     # optimisation: linear warmup, then the schedule down to min_lr_ratio * lr
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
@@ -286,12 +297,15 @@ class TrainConfig:
             raise UserError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.max_time is not None:
             parse_duration(self.max_time)
-        self.model_config(vocab_size=1)  # width, heads and context checks
+        self.model_config(vocab_size=1, eos_id=0)  # width, heads and context checks
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        """The preset's shape with this config's model fields (those set) on top."""
+    def model_config(self, vocab_size: int, eos_id: int | None = None) -> ModelConfig:
+        """The preset's shape with this config's model fields (those set) on top; `eos_id` (the tokenizer's)
+        delimits stories for document_mask."""
         model_fields = {f.name for f in fields(ModelConfig)}
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name in model_fields}
+        if self.document_mask:
+            overrides["eos_id"] = eos_id
         return ModelConfig.from_preset(self.preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import AttentionPlan, document_ids, document_positions
 from .config import ModelConfig
 
 
@@ -57,8 +58,9 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None,
+        plan: AttentionPlan | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         batch, time, width = x.shape
         sizes = [self.n_head * self.head_size, self.n_kv_head * self.head_size, self.n_kv_head * self.head_size]
         q, k, v = (t.view(batch, time, -1, self.head_size).transpose(1, 2) for t in self.qkv(x).split(sizes, dim=-1))
@@ -73,6 +75,10 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if plan is not None and self.window is None:  # a whole sequence: the plan's kernel (see attention.py)
+            return self.proj(plan(q, k, v, self.scale).transpose(1, 2).reshape(batch, time, width))
+        if plan is not None and plan.documents is not None:  # local layers with documents: a dense mask
+            mask, causal = plan.dense_mask(), False
         if self.window is not None and k.shape[2] > self.window:
             local = _local if cache is None else cache.local_mask  # a cache knows where its queries sit
             mask, causal = local(mask, q.shape[2], k.shape[2], self.window, q.device), False
@@ -125,12 +131,13 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None,
+        plan: AttentionPlan | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         h = self.ln_1(x)
         if self.parallel:  # GPT-J / PaLM: attention and MLP read the same normalised input
-            return x + self.drop(self.attn(h, cache, layer, rotary)) + self.drop(self.mlp(h))
-        x = x + self.drop(self.attn(h, cache, layer, rotary))
+            return x + self.drop(self.attn(h, cache, layer, rotary, plan)) + self.drop(self.mlp(h))
+        x = x + self.drop(self.attn(h, cache, layer, rotary, plan))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -177,6 +184,12 @@ class GPT(nn.Module):
         if cache is None and time > self.config.context_length:  # a cache checks its own capacity
             raise ValueError(f"sequence of {time} tokens exceeds context_length={self.config.context_length}")
         positions = torch.arange(time, device=idx.device) if cache is None else cache.begin(time)
+        plan = None
+        if cache is None:  # a whole sequence: attention may skip what it masks, and stories may be kept apart
+            documents = document_ids(idx, self.config.eos_id) if self.config.document_mask else None
+            plan = AttentionPlan(self.config.attention, documents, self.config.dropout if self.training else 0.0)
+            if documents is not None:  # each story's positions count from its own start
+                positions = document_positions(idx, self.config.eos_id)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -186,7 +199,7 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             rotary = rotary_tables(positions, self.config.head_size, self.config.rope_theta, dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, rotary)
+            x = block(x, cache, layer, rotary, plan)
         if cache is not None:
             cache.advance(time)
         return self.ln_f(x)

@@ -1,0 +1,349 @@
+"""The 10-minute CPU recipe study: which settings give the best model for 10 minutes of a 2-core CPU?
+
+Each arm is the base recipe plus the lines that differ. A 10-minute CPU run of an arm sees
+`10 min x (the arm's CPU tokens/s)` tokens, so the study runs in two phases:
+
+    # 1. on the CPU the recipe is for: each arm's training speed relative to the base arm, timed alternately
+    python benchmarks/cpu_recipe_study.py speeds --out speeds.json
+    # 2. on a GPU box (one command, < 4 min on an H100): every arm x 2 seeds for its 10-minute token budget,
+    #    many runs in parallel processes, then the report
+    python benchmarks/cpu_recipe_study.py run RESULTS_DIR --speeds speeds.json
+
+Phase 2 trains on `train-head.txt` less its last 10% of stories, and scores each final model on that held-out
+10% (bits per byte over all its windows); `validation-first1000.txt` is kept for the chosen recipe's final
+figure only. Runs use fp32, as a CPU without native bf16 does. Tokenizers (bpe-2048/4096/8192) are trained
+once, on the training part, before any run starts. RESULTS_DIR gets `report.md` (arms ranked by the mean of
+their seeds, with each seed's figure and the spread) and `results.json`; the run dirs go to `--work`. No run
+starts or goes on past `--time-limit` seconds (default 215): arms' first seeds run before any second seed.
+
+Budgets: phase 1 times each arm alternately with the base arm (the quick start) and records its speed as a
+ratio to base's, which a shared machine's drifting load leaves alone better than absolute figures. Phase 2
+gives each arm `600 s x ratio x --anchor` tokens, the anchor being base's tokens/s on the target CPU (default
+4,700: the quick start on a quiet 2-core AMD Zen 3 without bf16, issue 14); `--anchor 0` uses base's measured
+speed instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SAMPLE = Path(os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories"))
+BUDGET_SECONDS = 600
+
+# The quick start (configs/quickstart.toml) without its time limit.
+BASE = {"preset": "1M", "tokenizer": "bpe-4096", "context_length": 256, "batch_size": 16, "tokens_per_step": 8192,
+        "lr": 3e-3, "warmup_steps": 100}  # fmt: skip
+# One change per arm (levers of issue 14), then combinations of the changes that earlier studies favoured.
+ARMS: dict[str, dict] = {
+    "base": {},
+    "rope": {"position": "rope"},
+    "muon": {"optimizer": "muon"},
+    "qk-norm": {"qk_norm": True},
+    "wsd": {"schedule": "wsd", "decay_fraction": 0.3},
+    "doc-mask": {"document_mask": True},
+    "vocab-2048": {"tokenizer": "bpe-2048"},
+    "vocab-8192": {"tokenizer": "bpe-8192"},
+    "heads-4x16": {"n_head": 4},  # same width, heads of 16: attention costs heads x T^2 on a CPU
+    "wide-shallow": {"d_model": 128, "n_layer": 4, "n_head": 4},
+    "narrow-deep": {"d_model": 64, "n_layer": 12, "n_head": 4},
+    "ctx-128": {"context_length": 128, "batch_size": 32},
+    "ctx-512-doc": {"context_length": 512, "batch_size": 8, "document_mask": True},
+    "batch-16k": {"tokens_per_step": 16384},
+    "batch-4k": {"tokens_per_step": 4096, "warmup_steps": 200},
+    "lr-6e-3": {"lr": 6e-3},
+    "warmup-30": {"warmup_steps": 30},
+    "combo": {
+        "position": "rope",
+        "optimizer": "muon",
+        "qk_norm": True,
+        "n_head": 4,
+        "schedule": "wsd",
+        "decay_fraction": 0.3,
+        "warmup_steps": 30,
+    },  # fmt: skip
+    "combo-doc": {
+        "position": "rope",
+        "optimizer": "muon",
+        "qk_norm": True,
+        "n_head": 4,
+        "schedule": "wsd",
+        "decay_fraction": 0.3,
+        "warmup_steps": 30,
+        "document_mask": True,
+    },  # fmt: skip
+}
+
+
+def arm_config(name: str) -> dict:
+    return {**BASE, **ARMS[name]}
+
+
+def split_train_head(out: Path, held_out: float = 0.1) -> tuple[Path, Path]:
+    """train-head.txt less its last `held_out` share of stories, and those stories: tuning never sees validation."""
+    stories = [s.strip() for s in (SAMPLE / "train-head.txt").read_text().split("<|endoftext|>") if s.strip()]
+    cut = int(len(stories) * (1 - held_out))
+    paths = out / "train-part.txt", out / "held-out.txt"
+    for path, part in zip(paths, (stories[:cut], stories[cut:]), strict=True):
+        path.write_text("\n<|endoftext|>\n".join(part) + "\n")
+    return paths
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -- phase 1: CPU speeds -------------------------------------------------------------------------
+def measure_speeds(args: argparse.Namespace) -> None:
+    """Each arm's training step time against the base arm's, timed alternately (a shared machine's load drifts
+    by more than the arms differ): fp32, forward + backward of each micro-batch and one optimizer update per
+    step, as train() does it. Token values do not change the speed, so the batches are random tokens of the
+    arm's vocabulary with an end of story every 100-300 tokens (TinyStories' stories); no tokenizer is trained.
+    Arms that change only the learning-rate schedule run at the base arm's speed and are not timed."""
+    import torch
+
+    results = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "load_before": os.getloadavg()[0], "arms": {}}  # fmt: skip
+    base, base_times = _Stepper("base"), []
+    for name in args.arms or ARMS:
+        if name != "base" and set(ARMS[name]) <= SCHEDULE_ONLY:
+            results["arms"][name] = {"same_speed_as": "base", "ratio_to_base": 1.0}
+            continue
+        arm = _Stepper(name)
+        pairs = [(base.time(), arm.time()) for _ in range(args.warmup + args.steps)][args.warmup :]
+        # tokens/s of the arm over that of base in the same moment; > 1: the arm trains faster
+        ratio = statistics.median(arm.tokens / a / (base.tokens / b) for b, a in pairs)
+        base_times += [b for b, _ in pairs]
+        results["arms"][name] = {"ratio_to_base": ratio}
+        print(f"{name:<14} {ratio:5.2f}x base", flush=True)
+    base_speed = base.tokens / statistics.median(base_times) if base_times else None
+    for value in results["arms"].values():  # the base arm's median speed over the whole measurement
+        value["tokens_per_second"] = value["ratio_to_base"] * base_speed if base_speed else None
+    results["load_after"] = os.getloadavg()[0]
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"{results['cpu']}, load average {results['load_before']:.1f} -> {results['load_after']:.1f} "
+          f"on {results['cores']} cores -> {args.out}")  # fmt: skip
+
+
+SCHEDULE_ONLY = {"lr", "schedule", "decay_fraction", "warmup_steps"}
+
+
+class _Stepper:
+    """One arm's model and optimizers on a fixed batch: `time()` runs a training step and returns its seconds."""
+
+    def __init__(self, name: str) -> None:
+        import torch
+
+        from gpt_tinystories.config import TrainConfig
+        from gpt_tinystories.model import GPT
+        from gpt_tinystories.train import make_optimizers
+
+        self.config = TrainConfig.from_dict({**arm_config(name), "tokenizer": "gpt2"}).resolved()
+        vocab = int(arm_config(name)["tokenizer"].removeprefix("bpe-"))
+        torch.manual_seed(0)
+        self.model = GPT(self.config.model_config(vocab, eos_id=0))
+        self.optimizers = make_optimizers(self.model, self.config, torch.device("cpu"))
+        # A quarter of a micro-batch (at least 4 rows) stands for the whole: the cost is linear in the rows.
+        self.rows = min(self.config.batch_size, max(4, self.config.batch_size // 4))
+        self.idx = synthetic_stories(self.rows, self.config.context_length + 1, vocab)
+        self.accumulation = -(-self.config.tokens_per_step // (self.config.batch_size * self.config.context_length))
+        self.tokens = self.accumulation * self.config.batch_size * self.config.context_length  # per step
+
+    def time(self) -> float:
+        """Seconds of one whole training step, estimated from a part of a micro-batch and one update."""
+        started = time.perf_counter()
+        self.model.loss(self.idx[:, :-1], self.idx[:, 1:]).backward()
+        between = time.perf_counter()
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro = (between - started) * self.config.batch_size / self.rows
+        return self.accumulation * micro + time.perf_counter() - between
+
+
+def synthetic_stories(batch: int, length: int, vocab: int, eos: int = 0):  # noqa: ANN201 (a torch tensor)
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(1, vocab, (batch, length), generator=generator)
+    for row in idx:
+        position = int(torch.randint(0, 200, (1,), generator=generator))
+        while position < length:
+            row[position] = eos
+            position += int(torch.randint(100, 300, (1,), generator=generator))
+    return idx
+
+
+def _tokenizer(spec: str, train_part: Path, folder: str | Path) -> str:
+    """A tokenizer.json trained once on the training part (bpe-N), so that runs share it."""
+    from gpt_tinystories.data import iter_stories
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    target = Path(folder) / "tokenizers" / spec
+    if not (target / "tokenizer.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train(iter_stories(str(train_part)), int(spec.removeprefix("bpe-"))).save(target)
+    return str(target / "tokenizer.json")
+
+
+# -- phase 2: the runs ---------------------------------------------------------------------------
+def run_study(args: argparse.Namespace) -> None:
+    from gpt_tinystories.data import prepare
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    started = time.perf_counter()
+    results_dir = Path(args.results).resolve()
+    out = Path(args.work).resolve() if args.work else results_dir / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["GPT_TINYSTORIES_CACHE"] = str(out / "cache")
+    speeds = json.loads(Path(args.speeds).read_text())
+    measured = speeds["arms"]
+    base_speed = args.anchor or measured["base"]["tokens_per_second"]  # budgets: ratio to base x base's speed
+    train_part, held_out = split_train_head(out)
+    arms = [name for name in (args.arms or ARMS) if name in measured]
+    jobs = []
+    for name in arms:
+        config = arm_config(name)
+        tokenizer = _tokenizer(config["tokenizer"], train_part, out)
+        for split, path in (("train", train_part), ("validation", held_out)):  # cached before the runs race
+            prepare(str(path), Tokenizer.load(tokenizer), split=split, progress=False)
+        budget = int(measured[name]["ratio_to_base"] * base_speed * BUDGET_SECONDS)
+        for seed in range(1, args.seeds + 1):
+            values = {**config, "tokenizer": tokenizer, "data": str(train_part), "val_data": str(held_out),
+                      "max_tokens": budget, "seed": seed, "device": args.device, "precision": "fp32", "threads": 1,
+                "attention": "sdpa",  # the CPU's choice; all kernels compute the same, and flex would compile per run
+                      "eval_every": 10**9, "eval_batches": 10**6, "sample_tokens": 150, "log_every": 25}  # fmt: skip
+            config_file = out / "configs" / f"{name}-seed{seed}.json"
+            config_file.parent.mkdir(exist_ok=True)
+            config_file.write_text(json.dumps(values, indent=2))
+            jobs.append((name, seed, budget, config_file, out / "runs" / f"{name}-seed{seed}"))
+    jobs.sort(key=lambda job: job[1])  # every arm's first seed before any second one: a time limit cuts seeds
+    print(f"{len(jobs)} runs ({len(arms)} arms x {args.seeds} seeds), {args.workers} at a time; setup took "
+          f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+
+    def launch(job: tuple) -> dict:
+        name, seed, budget, config_file, run_dir = job
+        result = {"arm": name, "seed": seed, "tokens": budget, "seconds": 0.0}
+        left = args.time_limit - (time.perf_counter() - started)
+        if left < 30:  # not worth starting: reported as not run
+            return {**result, "error": f"not started: past the {args.time_limit:.0f} s time limit"}
+        command = [
+            sys.executable,
+            "-m",
+            "gpt_tinystories",
+            "train",
+            "--config",
+            str(config_file),
+            "--out",
+            str(run_dir),
+        ]
+        begun = time.perf_counter()
+        try:
+            stderr = subprocess.run(command, capture_output=True, text=True, timeout=left).stderr
+        except subprocess.TimeoutExpired:
+            stderr = f"stopped at the {args.time_limit:.0f} s time limit"
+        result["seconds"] = time.perf_counter() - begun
+        evals = []
+        if (run_dir / "metrics.jsonl").is_file():
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            evals = [r for r in records if r["kind"] == "eval"]
+        if evals:
+            result.update(bpb=evals[-1]["val_bpb"], loss=evals[-1]["val_loss"], sample=evals[-1]["sample"])
+        else:
+            result["error"] = (stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"{name}-seed{seed}: {result.get('bpb', result.get('error'))} ({result['seconds']:.0f} s)", flush=True)
+        return result
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        results = list(pool.map(launch, jobs))
+    write_report(results_dir, results, speeds, base_speed, time.perf_counter() - started)
+
+
+def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float, seconds: float) -> None:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+    by_arm: dict[str, list[dict]] = {}
+    for result in results:
+        by_arm.setdefault(result["arm"], []).append(result)
+    rows = []
+    for name, runs in by_arm.items():
+        figures = [r["bpb"] for r in runs if "bpb" in r]
+        mean = statistics.mean(figures) if figures else float("inf")
+        spread = (max(figures) - min(figures)) if len(figures) > 1 else float("nan")
+        rows.append((mean, name, figures, spread, runs))
+    rows.sort(key=lambda row: row[0])
+    base = next((row[0] for row in rows if row[1] == "base"), None)
+    lines = [
+        "# 10-minute CPU recipe study: results",
+        "",
+        f"Speeds (phase 1) measured on {speeds['cpu']} ({speeds['cores']} cores, torch {speeds['torch']}, load "
+        f"average {speeds['load_before']:.1f} -> {speeds['load_after']:.1f}) as ratios to the base arm, timed "
+        f"alternately; CPU tokens/s = ratio x {base_speed:,.0f} (the base arm's), budget = {BUDGET_SECONDS} s of "
+        f"that. Runs (phase 2) on {device}, fp32, "
+        f"{seconds:.0f} s in all. Score: bits per byte on the held-out last 10% of train-head.txt, all windows.",
+        "",
+        "| arm | change | CPU tokens/s | tokens | bits/byte per seed | mean | spread (max-min) | vs base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mean, name, figures, spread, runs in rows:
+        speed = speeds["arms"][name]["ratio_to_base"] * base_speed
+        change = ", ".join(f"{k}={v}" for k, v in ARMS[name].items()) or "quick start"
+        seeds = ", ".join(f"{f:.4f}" for f in figures) or runs[0].get("error", "failed")
+        versus = f"{mean - base:+.4f}" if base is not None and figures else "-"
+        lines.append(f"| {name} | {change} | {speed:,.0f} | {runs[0]['tokens']:,} | {seeds} | {mean:.4f} | "
+                     f"{spread:.4f} | {versus} |")  # fmt: skip
+    best = rows[0]
+    if best[4] and "sample" in best[4][0]:
+        lines += [
+            "",
+            f"Sample of the best arm ({best[1]}, seed {best[4][0]['seed']}):",
+            "",
+            f"> {best[4][0]['sample']}",
+        ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"speeds": speeds, "base_speed": base_speed, "runs": results}, indent=2)
+    )
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    speeds = commands.add_parser("speeds", help="phase 1: each arm's CPU training tokens/s")
+    speeds.add_argument("--out", default="speeds.json")
+    speeds.add_argument("--steps", type=int, default=3, help="timed steps per arm, each beside one of base")
+    speeds.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    speeds.add_argument("--arms", nargs="*", choices=list(ARMS))
+    run = commands.add_parser("run", help="phase 2: every arm for its 10-minute budget, then the report")
+    run.add_argument("results", help="folder for the runs and report.md")
+    run.add_argument("--speeds", required=True, help="phase 1's speeds.json")
+    run.add_argument("--work", help="folder for data, tokenizers and run dirs (default: RESULTS_DIR/work)")
+    run.add_argument("--anchor", type=float, default=4700.0, help="tokens/s of the base arm (0: as measured)")
+    run.add_argument("--seeds", type=int, default=2)
+    run.add_argument("--workers", type=int, default=12, help="runs at a time")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--arms", nargs="*", choices=list(ARMS))
+    run.add_argument("--time-limit", type=float, default=215, help="seconds: no run starts or goes on past it")
+    args = parser.parse_args()
+    measure_speeds(args) if args.command == "speeds" else run_study(args)
+
+
+if __name__ == "__main__":
+    main()

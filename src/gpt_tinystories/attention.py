@@ -1,0 +1,191 @@
+"""Causal self-attention over whole sequences (training, evaluation), optionally masked per story.
+
+With document masking, the end-of-story token starts a new document and a position attends only to earlier
+positions of its own document, so packing stories into one window never lets one story see another. Three
+kernels compute the same thing; `attention = auto` picks one per shape by measuring them, as training picks
+its precision:
+- `sdpa`: PyTorch's fused scaled_dot_product_attention, causal; with documents, a dense (time x time) mask.
+- `blocked`: with documents, causal SDPA on each story separately, so the pairs across stories — about 2/3 of
+  a 512-token window of ~200-token stories — are never computed. Without documents it is plain causal SDPA:
+  the fused causal kernels (CPU flash included) already skip the blocks above the diagonal. On a CPU it was
+  measured slower than the dense mask (Xeon Cascade Lake, torch 2.13): the CPU flash kernel's cost per pair is
+  several times higher on short sequences than on one long one — hence measuring, not assuming.
+- `flex`: torch.nn.attention.flex_attention with a causal (+ document) block mask, compiled. Its CPU
+  version (inductor, needs a C++ compiler) has no backward in torch <= 2.13: on CPU it serves evaluation only.
+KV-cache decoding does not come here (see model.KVCache): a prompt is decoded as one story.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+KERNELS = ("auto", "sdpa", "flex", "blocked")
+_chosen: dict[tuple, str] = {}  # auto's measured choice per shape and device
+_told: set[str] = set()  # fallback lines already printed
+
+
+def document_ids(idx: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(batch, time) document number of each position: an end-of-story token opens the next document (stories
+    follow EOS in the data, and prompts start with it)."""
+    return (idx == eos_id).cumsum(dim=1)
+
+
+def document_positions(idx: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(batch, time) position of each token within its document, so that a story is embedded alike wherever
+    it sits in a window."""
+    index = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+    starts = torch.where(idx == eos_id, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - starts
+
+
+def flex_problem(device: torch.device, training: bool) -> str | None:
+    """Why flex_attention cannot run here, or None when it can."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no flex_attention (it needs torch >= 2.5)"
+    if device.type == "cpu":
+        if training:
+            return f"torch {torch.__version__} has no flex_attention backward on CPU"
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return "flex_attention on CPU compiles with inductor, which needs a C++ compiler (g++ or clang++)"
+    elif device.type != "cuda":
+        return f"flex_attention does not run on {device.type}"
+    return None
+
+
+class AttentionPlan:
+    """How every layer of one forward pass attends: the kernel, and the document structure computed once."""
+
+    def __init__(self, kernel: str, documents: torch.Tensor | None, dropout: float = 0.0) -> None:
+        if kernel not in KERNELS:
+            raise UserError(f"attention must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.kernel, self.documents, self.dropout = kernel, documents, dropout
+        self._mask: torch.Tensor | None = None
+        self._lengths: list[list[int]] | None = None
+        self._block_mask = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Attention of (batch, heads, time, head size) queries, keys and values."""
+        kernel = self.resolve(q, scale)
+        return self.run(kernel, q, k, v, scale)
+
+    def run(self, kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        if kernel == "flex":
+            return _compiled_flex()(q, k, v, block_mask=self.block_mask(q), scale=scale)
+        if self.documents is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout, scale=scale)
+        if kernel == "blocked":
+            return self.blocked(q, k, v, scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask(), dropout_p=self.dropout, scale=scale)
+
+    def dense_mask(self) -> torch.Tensor:
+        """(batch, 1, time, time): causal and within one document."""
+        if self._mask is None:
+            docs = self.documents
+            same = docs[:, :, None] == docs[:, None, :]
+            self._mask = (same & torch.ones_like(same[0], dtype=torch.bool).tril())[:, None]
+        return self._mask
+
+    def blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Causal SDPA on each document of each row: the square diagonal blocks of the document mask."""
+        if self._lengths is None:  # one host sync per forward pass, shared by the layers
+            self._lengths = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in self.documents]
+        rows = []  # unbind and split, not slicing: their backward is one stack or cat, not a zero-filled copy each
+        for lengths, *row in zip(self._lengths, q.unbind(0), k.unbind(0), v.unbind(0), strict=True):
+            parts = zip(*(t[None].split(lengths, dim=2) for t in row), strict=True)  # 4-d: SDPA's fused kernels
+            rows.append(torch.cat([F.scaled_dot_product_attention(*p, is_causal=True, dropout_p=self.dropout,
+                                                                  scale=scale) for p in parts], dim=2))  # fmt: skip
+        return torch.cat(rows)
+
+    def block_mask(self, q: torch.Tensor):  # noqa: ANN201 (flex_attention's BlockMask, imported lazily)
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            docs, time_ = self.documents, q.shape[2]
+            if docs is None:
+                self._block_mask = create_block_mask(_causal, None, None, time_, time_, device=q.device)
+            else:
+
+                def same_story(b, h, query, key):  # noqa: ANN001, ANN202 (flex's mask_mod signature)
+                    return (query >= key) & (docs[b, query] == docs[b, key])
+
+                self._block_mask = create_block_mask(same_story, docs.shape[0], None, time_, time_, device=q.device)
+        return self._block_mask
+
+    def resolve(self, q: torch.Tensor, scale: float | None) -> str:
+        """The kernel to use for this shape: the configured one after checking that it can run, or auto's."""
+        training = torch.is_grad_enabled() and q.requires_grad
+        if self.kernel == "flex":
+            problem = flex_problem(q.device, training) or ("flex_attention has no dropout" if self.dropout else None)
+            if problem:
+                raise UserError(f"attention flex: {problem}; use attention = auto, blocked or sdpa")
+            return "flex"
+        if self.kernel != "auto":
+            return self.kernel
+        if self.documents is None:
+            return "sdpa"  # plain causal: nothing for the others to skip that SDPA's causal kernel does not
+        # flex is auto's candidate on CUDA only: on CPU it cannot train, and its forward was not faster there.
+        problem = flex_problem(q.device, training) or ("flex_attention has no dropout" if self.dropout else None)
+        candidates = ["blocked", "sdpa"] + (["flex"] if q.device.type == "cuda" and problem is None else [])
+        key = (q.device.type, training, q.dtype, *q.shape)
+        if key not in _chosen:
+            _chosen[key] = self.measure(candidates, q, scale, training)
+        if problem is not None and (training or q.device.type == "cuda"):
+            _tell(f"attention auto: {problem}; masking stories with {_chosen[key]} instead of flex")
+        return _chosen[key]
+
+    def measure(self, candidates: list[str], q: torch.Tensor, scale: float | None, training: bool) -> str:
+        """The fastest candidate on this batch's shape and documents: forward (+ backward when training)."""
+        timings = {}
+        with torch.random.fork_rng(devices=[]):  # no dropout draws may shift the run's RNG stream
+            inputs = [q.detach().clone().requires_grad_(training) for _ in range(3)]
+            for kernel in candidates:
+                try:
+                    for _ in range(2):  # the first is a warm-up (and flex's compilation)
+                        timings[kernel] = self._time(kernel, inputs, scale, training)
+                except Exception as error:  # e.g. flex's Triton kernels refuse heads smaller than 16
+                    timings.pop(kernel, None)
+                    _tell(f"attention auto: {kernel} cannot run this shape ({type(error).__name__}); not using it")
+        return min(timings, key=timings.get)
+
+    def _time(self, kernel: str, inputs: list[torch.Tensor], scale: float | None, training: bool) -> float:
+        _sync(inputs[0].device)
+        started = time.perf_counter()
+        out = self.run(kernel, *inputs, scale)
+        if training:
+            out.sum().backward()
+        _sync(inputs[0].device)
+        return time.perf_counter() - started
+
+
+def _causal(b, h, query, key):  # noqa: ANN001, ANN202 (flex's mask_mod signature)
+    return query >= key
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tell(line: str) -> None:
+    """Print a fallback line once per process."""
+    if line not in _told:
+        _told.add(line)
+        print(line, file=sys.stderr)
