@@ -101,10 +101,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data import TokenWindows, prepare
     from .evaluate import evaluate, gpt2_tokens_scored
+    from .quantize import apply_dtype
     from .runtime import pick_device
 
     device = pick_device(args.device)
     model, tokenizer, meta = load_model(args.checkpoint, device)
+    model = apply_dtype(model, args.dtype)
     context = args.context_length or model.config.context_length
     if context > model.config.context_length:
         raise UserError(f"--context-length {context} exceeds the model's {model.config.context_length}")
@@ -129,12 +131,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .hf import architecture, export
+    from .exports import export
 
     model, tokenizer, meta = load_model(args.checkpoint)
-    out = export(model, tokenizer, args.out)
-    kind = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "llama": "Llama"}[architecture(model.config)]
-    print(f"exported {meta['path']} as a transformers {kind} model to {out}")
+    out = export(model, tokenizer, args.out, args.format, args.outtype)
+    if args.format == "hf":
+        from .hf import architecture
+
+        kind = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "llama": "Llama"}[architecture(model.config)]
+        print(f"exported {meta['path']} as a transformers {kind} model to {out}")
+    else:
+        what = {"gguf": f"a GGUF file ({args.outtype or 'f32'}) for llama.cpp", "onnx": "an ONNX model with a KV cache"}
+        print(f"exported {meta['path']} as {what[args.format]} to {out}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -279,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompt", action="store_true", help="keep the last tokens of an over-long prompt")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="bf16: faster for d >= 256 on CPUs; int8: int8 Linear layers (CPU only)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("eval", help="validation loss, perplexity, bits per byte of a trained model")
@@ -295,12 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=_positive_int, help="window length (default: the model's context)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32", help="the weights' precision")
     p.set_defaults(func=cmd_eval)
 
-    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder")
+    p = verbs.add_parser("export", help="write a checkpoint for transformers, llama.cpp (GGUF) or onnxruntime")
     p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT-2, GPT-Neo or Llama")
-    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--format", choices=["hf", "gguf", "onnx"], default="hf",
+                   help="hf: transformers GPT-2, GPT-Neo or Llama folder; gguf: one llama.cpp file; "
+                   "onnx: a folder with model.onnx (KV cache inputs/outputs) and tokenizer.json")  # fmt: skip
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], help="gguf weights (default: f32)")
+    p.add_argument("--out", required=True, help="the file (gguf) or folder to write (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("compare", help="a markdown report and loss plots comparing training runs")
@@ -317,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=_positive_int, default=4, help="cap on a request's n")
     p.add_argument("--max-queue", type=_positive_int, default=16, help="requests that may wait; more get 503")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="bf16: faster for d >= 256 on CPUs; int8: int8 Linear layers (CPU only)",
+    )
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(func=cmd_serve)
 
