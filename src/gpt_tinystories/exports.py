@@ -7,6 +7,7 @@ asked for: transformers, gguf and the ONNX exporter are heavy.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -83,6 +84,9 @@ def export(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, format: str
     if outtype is not None and format != "gguf":
         raise UserError(f"--outtype applies to --format gguf only, not {format}")
     check_out(out, is_file=format == "gguf")
+    for module in {"hf": ["transformers"], "gguf": ["gguf"], "onnx": ["onnx", "onnxscript"]}[format]:
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--format {format} needs the {module} package: pip install 'gpt-tinystories[export]'")
     if format == "hf":
         from .hf import export as export_hf
 

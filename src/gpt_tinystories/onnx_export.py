@@ -103,6 +103,9 @@ def export_onnx(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Pat
 
 
 def _trace(model: GPT, path: Path) -> None:
+    import contextlib
+    import io
+    import logging
     import warnings
 
     config = model.config
@@ -117,8 +120,14 @@ def _trace(model: GPT, path: Path) -> None:
     names_in, names_out = io_names(config)
     auto = torch.export.Dim.AUTO  # batch and lengths: the exporter finds which sizes are tied together
     dims = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, [{0: auto, 2: auto}] * (2 * config.n_layer))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's advice about its own internals is not for our users
-        torch.onnx.export(WithPast(model), inputs, str(path), input_names=names_in, output_names=names_out,
-                          dynamic_shapes=dims, opset_version=OPSET, dynamo=True, external_data=False,
-                          verbose=False)  # fmt: skip
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the exporter's notes about its own internals are not for our users
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(WithPast(model), inputs, str(path), input_names=names_in, output_names=names_out,
+                              dynamic_shapes=dims, opset_version=OPSET, dynamo=True, external_data=False,
+                              verbose=False)  # fmt: skip
+    finally:
+        quiet.setLevel(level)
