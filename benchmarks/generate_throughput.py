@@ -11,6 +11,10 @@ batch, outside the timing (the compiled step's compile time is printed beside th
 
 Runners are a list of named setups (RUNNERS below): add a row source by appending one. On CUDA the compiled
 step runs as CUDA graphs (torch.compile mode reduce-overhead).
+
+On the CPU, the same weights also run as int8 (`--dtype int8`), in llama.cpp (GGUF f32 and q8_0, via
+llama-cpp-python, as many threads as torch) and in onnxruntime (the ONNX export, a greedy loop over its KV cache);
+a runtime that is not installed, or not for this device, says so in its cell.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import argparse
 import copy
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from gpt_tinystories.config import ModelConfig
@@ -84,10 +91,132 @@ def engine_runner(compile: bool) -> Callable[[Setup], Decode]:
     return setup
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's low-level API: greedy, every row of a batch as its own sequence."""
+
+    def __init__(self, path: Path, batch: int, threads: int) -> None:
+        import llama_cpp as lib
+
+        self.lib = lib
+        lib.llama_backend_init()
+        self.model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        params = lib.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_seq_max = 512 * batch, 512 * batch, batch
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.batch = lib.llama_batch_init(512 * batch, 0, batch)
+
+    def generate(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        lib = self.lib
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        rows = prompts.tolist()
+        entries = [(t, pos, row, pos == len(r) - 1) for row, r in enumerate(rows) for pos, t in enumerate(r)]
+        outputs: list[list[int]] = [[] for _ in rows]
+        for _ in range(new_tokens):
+            b = self.batch
+            b.n_tokens = len(entries)
+            for i, (token, pos, row, wanted) in enumerate(entries):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, wanted
+                b.seq_id[i][0] = row
+            if lib.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            wanted = [i for i, entry in enumerate(entries) if entry[3]]
+            for row, i in enumerate(wanted):
+                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                outputs[row].append(int(logits.argmax()))
+            entries = [
+                (out[-1], len(r) + len(out) - 1, row, True)
+                for row, (r, out) in enumerate(zip(rows, outputs, strict=True))
+            ]
+        return outputs
+
+
+class OnnxRuntime:
+    """onnxruntime on the ONNX export: a greedy loop feeding each step's present keys/values back as past."""
+
+    def __init__(self, folder: Path, config: ModelConfig, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(folder / "model.onnx"), options, ["CPUExecutionProvider"])
+        self.config = config
+
+    def generate(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        config, ids = self.config, prompts.numpy().astype(np.int64)
+        batch = ids.shape[0]
+        past = [np.zeros((batch, config.kv_heads, 0, config.head_size), np.float32)] * (2 * config.n_layer)
+        outputs = []
+        for _ in range(new_tokens):
+            length = past[0].shape[2]
+            feeds = {"input_ids": ids, "attention_mask": np.ones((batch, length + ids.shape[1]), np.int64),
+                     "position_ids": np.tile(np.arange(length, length + ids.shape[1]), (batch, 1))}  # fmt: skip
+            feeds |= {f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": p for i, p in enumerate(past)}
+            logits, *past = self.session.run(None, feeds)
+            ids = logits[:, -1].argmax(-1)[:, None]
+            outputs.append(ids[:, 0])
+        return np.stack(outputs, axis=1).tolist()
+
+
+def bpe(vocab_size: int):
+    """A BPE of the benchmark's vocabulary size, trained on the TinyStories sample beside the repo."""
+    from gpt_tinystories.data import iter_stories
+    from gpt_tinystories.tokenizer import Tokenizer
+
+    sample = Path(__file__).resolve().parents[2] / "shared/data/tinystories/train-head.txt"
+    return Tokenizer.train(iter_stories(sample), vocab_size)
+
+
+EXPORTS = Path(tempfile.mkdtemp(prefix="generate-throughput-"))  # exported files, reused across batch sizes
+
+
+def _cpu_only(setup: Setup) -> None:
+    if next(setup.model.parameters()).device.type != "cpu" or setup.dtype != "fp32":
+        raise RuntimeError("CPU fp32 weights only")
+
+
+def _exported(setup: Setup, fmt: str, outtype: str | None = None) -> Path:
+    from gpt_tinystories.exports import export
+
+    path = EXPORTS / f"{setup.preset}-{fmt}{f'-{outtype}' if outtype else ''}{'.gguf' if fmt == 'gguf' else ''}"
+    if not path.exists():
+        export(setup.model, bpe(setup.model.config.vocab_size), path, fmt, outtype)  # the tokenizer only travels
+    return path
+
+
+def int8_runner(setup: Setup) -> Decode:
+    from gpt_tinystories.quantize import quantize_int8
+
+    _cpu_only(setup)
+    return engine_runner(compile=False)(replace(setup, model=quantize_int8(setup.model)))
+
+
+def llama_cpp_runner(outtype: str) -> Callable[[Setup], Decode]:
+    def setup(setup: Setup) -> Decode:
+        _cpu_only(setup)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        path = _exported(setup, "gguf", outtype)
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs every tensor it loads
+            return LlamaCpp(path, setup.batch, torch.get_num_threads()).generate
+
+    return setup
+
+
+def onnxruntime_runner(setup: Setup) -> Decode:
+    _cpu_only(setup)
+    return OnnxRuntime(_exported(setup, "onnx"), setup.model.config, torch.get_num_threads()).generate
+
+
 RUNNERS = [
     Runner("HF generate()", hf_runner, baseline=True),
     Runner("ours eager", engine_runner(compile=False)),
     Runner("ours compiled", engine_runner(compile=True)),
+    Runner("ours int8", int8_runner),
+    Runner("llama.cpp f32", llama_cpp_runner("f32")),
+    Runner("llama.cpp q8_0", llama_cpp_runner("q8_0")),
+    Runner("onnxruntime", onnxruntime_runner),
 ]
 
 

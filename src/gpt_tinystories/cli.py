@@ -126,10 +126,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from .checkpoint import load_model
     from .evaluate import Evaluator
+    from .quantize import apply_dtype
     from .runtime import pick_device
 
     device = pick_device(args.device)
     model, tokenizer, meta = load_model(args.checkpoint, device)
+    model = apply_dtype(model, args.dtype)
     context = args.context_length or model.config.context_length
     if context > model.config.context_length:
         raise UserError(f"--context-length {context} exceeds the model's {model.config.context_length}")
@@ -151,12 +153,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .hf import architecture, export
+    from .exports import export
 
     model, tokenizer, meta = load_model(args.checkpoint)
-    out = export(model, tokenizer, args.out)
-    kind = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "llama": "Llama"}[architecture(model.config)]
-    print(f"exported {meta['path']} as a transformers {kind} model to {out}")
+    out = export(model, tokenizer, args.out, args.format, args.outtype)
+    if args.format == "hf":
+        from .hf import architecture
+
+        kind = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "llama": "Llama"}[architecture(model.config)]
+        print(f"exported {meta['path']} as a transformers {kind} model to {out}")
+    else:
+        what = {"gguf": f"a GGUF file ({args.outtype or 'f32'}) for llama.cpp", "onnx": "an ONNX model with a KV cache"}
+        print(f"exported {meta['path']} as {what[args.format]} to {out}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -430,7 +438,8 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--truncate-prompt", action="store_true", help="keep the last tokens of an over-long prompt")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="bf16: faster for d >= 256 on CPUs; int8: int8 Linear layers (CPU only)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (pays only for long decoding: it takes 10 s to minutes)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
@@ -448,12 +457,16 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--context-length", type=_positive_int, help="window length (default: the model's context)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32", help="the weights' precision")
     p.set_defaults(func=cmd_eval)
 
-    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face transformers model folder")
+    p = verbs.add_parser("export", help="write a checkpoint for transformers, llama.cpp (GGUF) or onnxruntime")
     p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT-2, GPT-Neo or Llama")
-    p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    p.add_argument("--format", choices=["hf", "gguf", "onnx"], default="hf",
+                   help="hf: transformers GPT-2, GPT-Neo or Llama folder; gguf: one llama.cpp file; "
+                   "onnx: a folder with model.onnx (KV cache inputs/outputs) and tokenizer.json")  # fmt: skip
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], help="gguf weights (default: f32)")
+    p.add_argument("--out", required=True, help="the file (gguf) or folder to write (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("judge", help="complete story beginnings and judge the stories (metrics, reference, LLM)")
@@ -474,7 +487,8 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="compile the decode step; auto: where a start-up measurement shows it pays")  # fmt: skip
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: faster for d >= 256 on CPUs")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="bf16: faster for d >= 256 on CPUs; int8: int8 Linear layers (CPU only)")  # fmt: skip
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(func=cmd_serve)
 

@@ -1,0 +1,133 @@
+"""Export to ONNX with a KV cache, for onnxruntime (and onnxruntime-genai, transformers.js in a browser).
+
+The graph has the inputs and outputs those runtimes expect of a decoder with past keys and values:
+
+    input_ids (batch, sequence) int64, attention_mask (batch, past + sequence) int64,
+    position_ids (batch, sequence) int64, past_key_values.N.key / .value (batch, kv_heads, past, head_size)
+    -> logits (batch, sequence, vocab), present.N.key / .value (batch, kv_heads, past + sequence, head_size)
+
+It is traced from our own model by `torch.onnx.export` (the torch.export-based exporter), through a cache
+object that concatenates past and new keys instead of writing into a preallocated buffer: the same modules,
+so every variant but GPT-Neo's local attention windows exports, not only those transformers has a class for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+from .model import GPT
+from .tokenizer import Tokenizer
+
+MODEL_FILE = "model.onnx"
+OPSET = 18
+
+
+def unsupported(config: ModelConfig) -> str | None:
+    """Why this exporter cannot trace the model (None when it can)."""
+    if config.local_layers:
+        return "local attention windows (GPT-Neo) change shape with the sequence length, which the graph cannot"
+    return None
+
+
+class _PastCache:
+    """Duck-types model.KVCache for one forward pass: new keys and values are appended to the given past ones
+    (ONNX graphs are functional: no buffer is written in place), and the results are kept as the `present`."""
+
+    def __init__(self, past: list[torch.Tensor], attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        self.past, self.present = past, []
+        self.attention_mask, self.position_ids = attention_mask, position_ids
+        self.length = 0  # GPT.hidden_states checks length + time against the context; past is unknown here
+        self.mask: torch.Tensor | None = None
+        self.causal = False
+
+    def begin(self, time: int) -> torch.Tensor:
+        total = self.attention_mask.shape[1]
+        keys = torch.arange(total, device=self.attention_mask.device)
+        queries = torch.arange(time, device=keys.device)[:, None] + (total - time)  # (a slice would size by value)
+        mask = (keys[None, :] <= queries) & self.attention_mask.bool()[:, None, None, :]
+        # each position sees itself: a padding row then has one finite score, not a softmax of all -inf (NaN)
+        self.mask = mask | (keys[None, :] == queries)
+        return self.position_ids
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.cat([self.past[2 * layer], k], dim=2)
+        v = torch.cat([self.past[2 * layer + 1], v], dim=2)
+        self.present += [k, v]
+        return k, v
+
+
+class WithPast(nn.Module):
+    """The model as a function of (input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+        cache = _PastCache(past, attention_mask, position_ids)
+        return (self.model(input_ids, cache), *cache.present)
+
+
+def io_names(config: ModelConfig) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kind}" for i in range(config.n_layer) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(config.n_layer) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_onnx(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
+    """Write `out`/model.onnx and `out`/tokenizer.json (into a temporary folder, then renamed)."""
+    out = Path(out)
+    config = model.config
+    if reason := unsupported(config):
+        raise UserError(f"ONNX export: {reason}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _trace(model.eval(), tmp / MODEL_FILE)
+        tokenizer.save(tmp)
+    except BaseException:  # e.g. disk full: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+def _trace(model: GPT, path: Path) -> None:
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    config = model.config
+    batch, time, past = 2, 3, 4  # not 0 or 1: the exporter would take those sizes for constants
+    shape = (batch, config.kv_heads, past, config.head_size)
+    inputs = (
+        torch.zeros(batch, time, dtype=torch.long),
+        torch.ones(batch, past + time, dtype=torch.long),
+        torch.arange(past, past + time).repeat(batch, 1),
+        [torch.zeros(shape) for _ in range(2 * config.n_layer)],
+    )
+    names_in, names_out = io_names(config)
+    auto = torch.export.Dim.AUTO  # batch and lengths: the exporter finds which sizes are tied together
+    dims = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, [{0: auto, 2: auto}] * (2 * config.n_layer))
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the exporter's notes about its own internals are not for our users
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(WithPast(model), inputs, str(path), input_names=names_in, output_names=names_out,
+                              dynamic_shapes=dims, opset_version=OPSET, dynamo=True, external_data=False,
+                              verbose=False)  # fmt: skip
+    finally:
+        quiet.setLevel(level)

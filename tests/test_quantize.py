@@ -1,0 +1,74 @@
+"""--dtype int8: int8 Linear layers on the CPU, close to fp32 on a (tiny) trained model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import sample
+
+from gpt_tinystories import load
+from gpt_tinystories.checkpoint import load_model
+from gpt_tinystories.config import TrainConfig
+from gpt_tinystories.data import TokenWindows, prepare
+from gpt_tinystories.errors import UserError
+from gpt_tinystories.evaluate import evaluate
+from gpt_tinystories.generate import Sampling, generate
+from gpt_tinystories.quantize import apply_dtype, quantize_int8
+from gpt_tinystories.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bpe):
+    root = tmp_path_factory.mktemp("int8")
+    config = TrainConfig(preset="1M", data=str(sample("validation-first1000.txt")), tokenizer=str(bpe.save(root)),
+                         d_model=64, n_layer=2, n_head=4, context_length=64, batch_size=8, tokens_per_step=512,
+                         max_steps=30, lr=3e-3, warmup_steps=5, eval_every=30, eval_batches=1, sample_tokens=2,
+                         precision="fp32")  # fmt: skip
+    train(config, root / "run", progress=False)
+    return root / "run"
+
+
+def test_int8_loss_and_logits_stay_close_to_fp32(trained):
+    model, tokenizer, _ = load_model(trained)
+    int8 = quantize_int8(model)
+    int8_linear = torch.ao.nn.quantized.dynamic.Linear
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.blocks.modules())
+    assert sum(isinstance(m, int8_linear) for m in int8.blocks.modules()) == 4 * model.config.n_layer
+    assert int8.blocks[0].attn.qkv.weight().dtype == torch.qint8
+    assert isinstance(model.blocks[0].attn.qkv, torch.nn.Linear)  # the fp32 model is left as it was
+    prepared = prepare(sample("validation-first1000.txt"), tokenizer, progress=False)
+    windows = TokenWindows(prepared.tokens(), 64, seed=None, name="validation")
+    token_bytes = torch.tensor(tokenizer.token_bytes())
+    fp32 = evaluate(model, windows, token_bytes, batch_size=16, max_batches=8)
+    quantized = evaluate(int8, windows, token_bytes, batch_size=16, max_batches=8)
+    assert fp32.bits_per_byte < 3.0  # it learned something: the comparison means something
+    assert abs(quantized.bits_per_byte / fp32.bits_per_byte - 1) < 0.01, (fp32.bits_per_byte, quantized.bits_per_byte)
+    inputs, _ = windows.batch(0, 4, torch.device("cpu"))
+    with torch.no_grad():
+        reference, ours = model(inputs), int8(inputs)
+    assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+
+
+def test_int8_through_load_generate_and_eval(trained):
+    teller = load(str(trained), "cpu", "int8")
+    assert isinstance(teller.model.blocks[0].mlp.up, torch.ao.nn.quantized.dynamic.Linear)
+    fp32 = load(str(trained), "cpu", "fp32")
+    prompt = [teller.tokenizer.eos_id, *teller.tokenizer.encode("Once upon a time")]
+    ours, reference = (generate(t.model, [prompt], 12, Sampling(temperature=0))[0] for t in (teller, fp32))
+    assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 9
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "gpt_tinystories", "eval", "--checkpoint", str(trained), "--data",
+                             str(sample("validation-first1000.txt")), "--dtype", "int8", "--max-batches", "2",
+                             "--json"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert result.returncode == 0 and '"bits_per_byte"' in result.stdout, result.stderr
+
+
+def test_int8_without_kernels_is_refused_in_one_line(trained):
+    model = load_model(trained)[0].to("meta")
+    with pytest.raises(UserError, match=r"^--dtype int8 runs on the CPU only .* --device cpu$"):
+        apply_dtype(model, "int8")
+    with pytest.raises(UserError, match="dtype must be one of fp32, bf16, int8"):
+        apply_dtype(model, "int4")
