@@ -421,29 +421,7 @@ def _add_training_verbs(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("generate", help="write stories with a trained model")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo folder or hub id",
-    )
-    p.add_argument("--prompt", default="", help="the start of the story (empty: a new story)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=_positive_int)
-    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
-    p.add_argument("--seed", type=int, help="make sampling reproducible")
-    p.add_argument("--num-samples", type=_positive_int, default=1)
-    p.add_argument("--beams", type=_positive_int, help="beam search with this many beams (the paper used 5)")
-    p.add_argument("--truncate-prompt", action="store_true", help="keep the last tokens of an over-long prompt")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="bf16: faster for d >= 256 on CPUs; int8: int8 Linear layers (CPU only)")  # fmt: skip
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (pays only for long decoding: it takes 10 s to minutes)")  # fmt: skip
-    p.set_defaults(func=cmd_generate)
-
+    _add_generate_verb(verbs)
     p = verbs.add_parser("eval", help="validation loss, perplexity, bits per byte of a trained model")
     p.add_argument(
         "--checkpoint",
@@ -473,6 +451,39 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     _add_judge_flags(p)
     p.set_defaults(func=cmd_judge)
 
+    _add_serve_verb(verbs)
+
+
+def _add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="bf16: faster for d >= 256 on CPUs; int8: int8 Linear layers (CPU only)")  # fmt: skip
+
+
+def _add_generate_verb(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("generate", help="write stories with a trained model")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo folder or hub id",
+    )
+    p.add_argument("--prompt", default="", help="the start of the story (empty: a new story)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int)
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--num-samples", type=_positive_int, default=1)
+    p.add_argument("--beams", type=_positive_int, help="beam search with this many beams (the paper used 5)")
+    p.add_argument("--truncate-prompt", action="store_true", help="keep the last tokens of an over-long prompt")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print as it is written")
+    p.add_argument("--device", default="auto")
+    _add_dtype_flag(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (pays only for long decoding: it takes 10 s to minutes)")  # fmt: skip
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_serve_verb(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("serve", help="the story playground: an HTTP API and a page to write stories in a browser")
     p.add_argument("--checkpoint", required=True, help="a run dir, a checkpoint folder, or a transformers folder")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every network (default: 127.0.0.1)")
@@ -487,8 +498,7 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="compile the decode step; auto: where a start-up measurement shows it pays")  # fmt: skip
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="bf16: faster for d >= 256 on CPUs; int8: int8 Linear layers (CPU only)")  # fmt: skip
+    _add_dtype_flag(p)
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.set_defaults(func=cmd_serve)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import replacing
 from .config import ModelConfig
 from .errors import UserError
 from .model import GPT
@@ -51,9 +52,13 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, outtyp
 
     out = Path(out)
     arch = "llama" if architecture(model.config) == "llama" else "gpt2"
+    with replacing(out) as tmp:  # a crash or a full disk leaves no half-written file behind
+        _write(gguf.GGUFWriter(tmp, arch), model, tokenizer, arch, outtype)
+    return out
+
+
+def _write(writer, model: GPT, tokenizer: Tokenizer, arch: str, outtype: str) -> None:
     merges, tokens, types = _vocabulary(tokenizer)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch)
     _hyperparameters(writer, model.config, arch, outtype)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # our BPE splits text with GPT-2's regex before merging
@@ -70,13 +75,8 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, outtyp
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    finally:
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:  # e.g. disk full: leave no half-written file behind
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
 
 
 def _hyperparameters(writer, config: ModelConfig, arch: str, outtype: str) -> None:

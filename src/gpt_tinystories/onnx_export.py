@@ -14,12 +14,12 @@ so every variant but GPT-Neo's local attention windows exports, not only those t
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import staging_dir
 from .config import ModelConfig
 from .errors import UserError
 from .model import GPT
@@ -87,18 +87,9 @@ def export_onnx(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Pat
     config = model.config
     if reason := unsupported(config):
         raise UserError(f"ONNX export: {reason}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staging_dir(out) as tmp:  # a crash or a full disk leaves no half-written folder behind
         _trace(model.eval(), tmp / MODEL_FILE)
         tokenizer.save(tmp)
-    except BaseException:  # e.g. disk full: leave no half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
     return out
 
 
