@@ -50,6 +50,8 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, outtyp
         raise UserError(f"GGUF type must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     from .hf import architecture
 
+    if reason := unsupported(model.config):
+        raise UserError(f"GGUF export: {reason}")
     out = Path(out)
     arch = "llama" if architecture(model.config) == "llama" else "gpt2"
     with replacing(out) as tmp:  # a crash or a full disk leaves no half-written file behind
