@@ -64,7 +64,13 @@ def main() -> None:
                          log_every=1, sample_tokens=16, precision=args.precision, device=args.device)  # fmt: skip
     started = time.perf_counter()
     full = train(config, folder / "full", progress=False)
-    train(TrainConfig(**{**config.to_dict(), "max_steps": half}), folder / "resumed", progress=False)
+    # Interrupt the second run as the CPU test does: train it whole, then drop every checkpoint after `half`, so
+    # the resume starts from step `half` with the same config (a run stopped by max_steps=half would have decayed
+    # its learning rate over half the steps: a different run, not an interrupted one).
+    train(config, folder / "resumed", progress=False)
+    for late in (folder / "resumed" / "checkpoints").glob("step-*"):
+        if int(late.name.split("-")[1]) > half:
+            shutil.rmtree(late)
     resumed = train(config, folder / "resumed", resume=True, progress=False)
     seconds = time.perf_counter() - started
     a, b = losses(folder / "full"), losses(folder / "resumed")
