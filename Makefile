@@ -23,11 +23,11 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# The CPU quick start: ~15 minutes on 2 cores, then the story the model wrote. TinyStories comes from the
-# Hugging Face hub where it is reachable, else from the local sample in $(SAMPLE).
+# The CPU quick start: the 10-minute CPU recipe (configs/cpu-10min.toml), then the story the model wrote.
+# TinyStories comes from the Hugging Face hub where it is reachable, else from the local sample in $(SAMPLE).
 demo: setup
 	@if $(PY) -c "import sys; from gpt_tinystories.data import hub_reachable; sys.exit(not hub_reachable())"; \
 	then data="--data roneneldan/TinyStories"; \
 	else data="--data $(SAMPLE)/train-head.txt --val-data $(SAMPLE)/validation-first1000.txt"; \
 	     echo "Hugging Face hub unreachable: training on the local sample in $(SAMPLE)"; fi; \
-	$(VENV)/bin/gpt-tinystories train --config configs/quickstart.toml $$data --out runs/quickstart
+	$(VENV)/bin/gpt-tinystories train --config configs/cpu-10min.toml $$data --out runs/quickstart
