@@ -228,7 +228,7 @@ def test_export_command_writes_gguf_and_refuses_to_overwrite(bpe, tmp_path):
         tiny(bpe.vocab_size),
         [
             ("gguf", tmp_path / "link.gguf", None, "is a symlink"),
-            ("onnx", tmp_path / "full", None, "exists and is not an empty folder"),
+            ("onnx", tmp_path / "full", None, "exists and is not empty"),
             ("onnx", tmp_path / "story.gguf", None, "exists and is not a folder"),
             ("onnx", tmp_path / "new", "f16", "--outtype applies to --format gguf"),
             ("hf", tmp_path / "link.gguf", None, "is a symlink"),

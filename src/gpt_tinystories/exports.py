@@ -72,7 +72,7 @@ def check_out(out: Path, is_file: bool) -> None:
         raise UserError(f"{out} exists; choose another --out")
     if not is_file and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
-            f"{out} exists and is not {'an empty folder' if out.is_dir() else 'a folder'}; choose another --out"
+            f"{out} exists and is {'not empty' if out.is_dir() else 'not a folder'}; choose another --out"
         )
 
 
