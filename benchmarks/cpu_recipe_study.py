@@ -84,15 +84,30 @@ ARMS: dict[str, dict] = {
     # changes that helped on their own, one at a time, then together.
     "ws-lr-6e-3": {"d_model": 128, "n_layer": 4, "n_head": 4, "lr": 6e-3},
     "ws-batch-4k": {"d_model": 128, "n_layer": 4, "n_head": 4, "tokens_per_step": 4096, "warmup_steps": 200},
-    "ws-ctx-512-doc": {"d_model": 128, "n_layer": 4, "n_head": 4, "context_length": 512, "batch_size": 8,
-                       "document_mask": True},  # fmt: skip
+    "ws-ctx-512-doc": {
+        "d_model": 128,
+        "n_layer": 4,
+        "n_head": 4,
+        "context_length": 512,
+        "batch_size": 8,
+        "document_mask": True,
+    },  # fmt: skip
     "ws-wsd": {"d_model": 128, "n_layer": 4, "n_head": 4, "schedule": "wsd", "decay_fraction": 0.3},
     "ws-vocab-8192": {"d_model": 128, "n_layer": 4, "n_head": 4, "tokenizer": "bpe-8192"},
     "ws-muon": {"d_model": 128, "n_layer": 4, "n_head": 4, "optimizer": "muon"},
     "ws-3-layers": {"d_model": 128, "n_layer": 3, "n_head": 4},
     "w192-3-layers": {"d_model": 192, "n_layer": 3, "n_head": 6},
-    "ws-all": {"d_model": 128, "n_layer": 4, "n_head": 4, "lr": 6e-3, "tokens_per_step": 4096, "warmup_steps": 200,
-               "schedule": "wsd", "decay_fraction": 0.3, "tokenizer": "bpe-8192"},  # fmt: skip
+    "ws-all": {
+        "d_model": 128,
+        "n_layer": 4,
+        "n_head": 4,
+        "lr": 6e-3,
+        "tokens_per_step": 4096,
+        "warmup_steps": 200,
+        "schedule": "wsd",
+        "decay_fraction": 0.3,
+        "tokenizer": "bpe-8192",
+    },  # fmt: skip
 }
 
 

@@ -71,9 +71,7 @@ def check_out(out: Path, is_file: bool) -> None:
     if is_file and out.exists():
         raise UserError(f"{out} exists; choose another --out")
     if not is_file and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(
-            f"{out} exists and is {'not empty' if out.is_dir() else 'not a folder'}; choose another --out"
-        )
+        raise UserError(f"{out} exists and is {'not empty' if out.is_dir() else 'not a folder'}; choose another --out")
 
 
 def export(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, format: str = "hf",

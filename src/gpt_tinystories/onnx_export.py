@@ -56,6 +56,9 @@ class _PastCache:
         self.mask = mask | (keys[None, :] == queries)
         return self.position_ids
 
+    def advance(self, time: int) -> None:  # nothing to count: the next call gets its past as an input
+        pass
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = torch.cat([self.past[2 * layer], k], dim=2)
         v = torch.cat([self.past[2 * layer + 1], v], dim=2)
