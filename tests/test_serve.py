@@ -213,8 +213,14 @@ def test_a_full_queue_answers_503_and_waiting_requests_can_leave(teller):
 
 
 def cli(*args, **popen):
+    # Ctrl-C must reach the server even when this test runs in a background job, which starts with SIGINT ignored
     return subprocess.Popen([sys.executable, "-m", "gpt_tinystories", *map(str, args)], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint,
+                            **popen)  # fmt: skip
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_the_serve_command_listens_on_loopback_and_stops_on_ctrl_c(checkpoint_dir):
