@@ -43,6 +43,10 @@ BUDGET_SECONDS = 600
 BASE = {"preset": "1M", "tokenizer": "bpe-4096", "context_length": 256, "batch_size": 16, "tokens_per_step": 8192,
         "lr": 3e-3, "warmup_steps": 100}  # fmt: skip
 # One change per arm (levers of issue 14), then combinations of the changes that earlier studies favoured.
+# The changes earlier studies favoured, together; and round 1's winning shape, which round 2 builds on.
+COMBO = {"position": "rope", "optimizer": "muon", "qk_norm": True, "n_head": 4, "schedule": "wsd",
+         "decay_fraction": 0.3, "warmup_steps": 30}  # fmt: skip
+WIDE_SHALLOW = {"d_model": 128, "n_layer": 4, "n_head": 4}
 ARMS: dict[str, dict] = {
     "base": {},
     "rope": {"position": "rope"},
@@ -53,7 +57,7 @@ ARMS: dict[str, dict] = {
     "vocab-2048": {"tokenizer": "bpe-2048"},
     "vocab-8192": {"tokenizer": "bpe-8192"},
     "heads-4x16": {"n_head": 4},  # same width, heads of 16: attention costs heads x T^2 on a CPU
-    "wide-shallow": {"d_model": 128, "n_layer": 4, "n_head": 4},
+    "wide-shallow": WIDE_SHALLOW,
     "narrow-deep": {"d_model": 64, "n_layer": 12, "n_head": 4},
     "ctx-128": {"context_length": 128, "batch_size": 32},
     "ctx-512-doc": {"context_length": 512, "batch_size": 8, "document_mask": True},
@@ -61,46 +65,20 @@ ARMS: dict[str, dict] = {
     "batch-4k": {"tokens_per_step": 4096, "warmup_steps": 200},
     "lr-6e-3": {"lr": 6e-3},
     "warmup-30": {"warmup_steps": 30},
-    "combo": {
-        "position": "rope",
-        "optimizer": "muon",
-        "qk_norm": True,
-        "n_head": 4,
-        "schedule": "wsd",
-        "decay_fraction": 0.3,
-        "warmup_steps": 30,
-    },  # fmt: skip
-    "combo-doc": {
-        "position": "rope",
-        "optimizer": "muon",
-        "qk_norm": True,
-        "n_head": 4,
-        "schedule": "wsd",
-        "decay_fraction": 0.3,
-        "warmup_steps": 30,
-        "document_mask": True,
-    },  # fmt: skip
+    "combo": COMBO,
+    "combo-doc": {**COMBO, "document_mask": True},
     # Round 2, around round 1's clear winner (wide-shallow, -15% bits/byte): its shape with the other
     # changes that helped on their own, one at a time, then together.
-    "ws-lr-6e-3": {"d_model": 128, "n_layer": 4, "n_head": 4, "lr": 6e-3},
-    "ws-batch-4k": {"d_model": 128, "n_layer": 4, "n_head": 4, "tokens_per_step": 4096, "warmup_steps": 200},
-    "ws-ctx-512-doc": {
-        "d_model": 128,
-        "n_layer": 4,
-        "n_head": 4,
-        "context_length": 512,
-        "batch_size": 8,
-        "document_mask": True,
-    },  # fmt: skip
-    "ws-wsd": {"d_model": 128, "n_layer": 4, "n_head": 4, "schedule": "wsd", "decay_fraction": 0.3},
-    "ws-vocab-8192": {"d_model": 128, "n_layer": 4, "n_head": 4, "tokenizer": "bpe-8192"},
-    "ws-muon": {"d_model": 128, "n_layer": 4, "n_head": 4, "optimizer": "muon"},
+    "ws-lr-6e-3": {**WIDE_SHALLOW, "lr": 6e-3},
+    "ws-batch-4k": {**WIDE_SHALLOW, "tokens_per_step": 4096, "warmup_steps": 200},
+    "ws-ctx-512-doc": {**WIDE_SHALLOW, "context_length": 512, "batch_size": 8, "document_mask": True},
+    "ws-wsd": {**WIDE_SHALLOW, "schedule": "wsd", "decay_fraction": 0.3},
+    "ws-vocab-8192": {**WIDE_SHALLOW, "tokenizer": "bpe-8192"},
+    "ws-muon": {**WIDE_SHALLOW, "optimizer": "muon"},
     "ws-3-layers": {"d_model": 128, "n_layer": 3, "n_head": 4},
     "w192-3-layers": {"d_model": 192, "n_layer": 3, "n_head": 6},
     "ws-all": {
-        "d_model": 128,
-        "n_layer": 4,
-        "n_head": 4,
+        **WIDE_SHALLOW,
         "lr": 6e-3,
         "tokens_per_step": 4096,
         "warmup_steps": 200,
