@@ -45,13 +45,15 @@ CASES = [
     (["prepare", "--data", "{root}/bad.jsonl", "--out", "{root}/new"], "has no string field", None),
     (["prepare", "--data", FIXTURE, "--tokenizer", "{root}/broken/tokenizer.json"], "cannot read tokenizer", None),
     (["prepare", "--data", FIXTURE, "--out", "{root}/a-file/new"], "a file stands where a folder is needed", None),
-    (["prepare", "--data", VALIDATION, "--tokenizer", "{root}/tok", "--out", "{root}/new"], "File too large",
-     DISK_FULL),
+    (
+        ["prepare", "--data", VALIDATION, "--tokenizer", "{root}/tok", "--out", "{root}/new"],
+        "File too large",
+        DISK_FULL,
+    ),
     # tokenizer
     (["tokenizer", "train", "--data", "{root}/empty.txt", "--out", "{root}/t"], "no stories to train", None),
     (["tokenizer", "train", "--data", "{root}/binary.txt", "--out", "{root}/t"], "looks binary", None),
-    (["tokenizer", "train", "--data", FIXTURE, "--vocab-size", "300", "--out", "{root}/a-file"], "a file stands",
-     None),
+    (["tokenizer", "train", "--data", FIXTURE, "--vocab-size", "300", "--out", "{root}/a-file"], "a file stands", None),
     # train: config values and files
     (train_args("--config", "{root}/bad-syntax.toml"), "cannot parse config file", None),
     (train_args("--config", "{root}/list.json"), "must hold a table", None),
@@ -75,8 +77,7 @@ CASES = [
     (["eval", "--checkpoint", "{root}/newer-ckpt", "--data", FIXTURE], "upgrade gpt-tinystories", None),
     (["eval", "--checkpoint", "{root}/run", "--data", "{root}/prepared-other"], "prepare the data again", None),
     (["eval", "--checkpoint", "{root}/run", "--data", FIXTURE, "--device", "cuda"], "CUDA is not available", SUB),
-    (["eval", "--checkpoint", "{root}/run", "--data", FIXTURE, "--context-length", "65"], "exceeds the model's",
-     None),
+    (["eval", "--checkpoint", "{root}/run", "--data", FIXTURE, "--context-length", "65"], "exceeds the model's", None),
     (["eval", "--checkpoint", "{root}/run", "--data", "{root}/empty.txt"], "no stories found", None),
     # generate
     (["generate", "--checkpoint", "{root}/newer-ckpt"], "upgrade gpt-tinystories", SUB),

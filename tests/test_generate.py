@@ -83,6 +83,16 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0}
 
 
+def test_draws_follow_the_probabilities_and_never_pick_an_excluded_token():
+    # token 0 and the last token are excluded by top_k (zero probability at either end of the cumulative sum)
+    probs = torch.tensor([0.001, 0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).repeat(20_000, 1)
+    counts = torch.bincount(Sampling(1.0, top_k=4).pick(logits, torch.Generator().manual_seed(0)), minlength=6)
+    assert counts[0] == counts[5] == 0
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) * 20_000
+    assert torch.allclose(counts[1:5].float(), expected, rtol=0.15)  # at least 4.8 standard deviations
+
+
 def sequence_log_prob(model, prompt, continuation):
     tokens = torch.tensor([prompt + continuation])
     log_probs = torch.log_softmax(model(tokens)[0, :-1], dim=-1)

@@ -49,8 +49,8 @@ def sample(
 ) -> list[int]:
     """The next token of each row of `logits` (rows, vocab), row i with settings[i] and generators[i].
 
-    The filtering is batched; the draw is one `multinomial` per row with that row's generator (in row order,
-    which matters only where rows share a generator), so a row's token depends on nothing but its own logits,
+    The filtering and the draw are batched; each row's one random number comes from that row's generator (in row
+    order, which matters only where rows share a generator), so a row's token depends on nothing but its own logits,
     settings and generator: never on which other rows are in the batch."""
     greedy = [s.greedy for s in settings]
     tokens = logits.argmax(dim=-1).tolist() if any(greedy) else [0] * len(settings)
@@ -73,8 +73,14 @@ def sample(
         # drop a token once the ones before it already cover top_p (the first token always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         probs[nucleus] = probs[nucleus].scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    for j, i in enumerate(rows):
-        tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=generators[i]))
+    # Inverse-CDF draw: one uniform number per row from the row's own generator. torch.multinomial would draw a
+    # vocabulary's worth of exponentials per row, which made sampling a third of a batched decode step on a CPU.
+    # side="right" never lands on a zero-probability token (the cumulative sum does not rise there).
+    uniform = torch.stack([torch.rand((), generator=generators[i], device=device) for i in rows]).double()
+    cdf = probs.double().cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], side="right").clamp_(max=vocab - 1)
+    for i, token in zip(rows, drawn.flatten().tolist(), strict=True):
+        tokens[i] = token
     return tokens
 
 
@@ -92,6 +98,9 @@ class SlotCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.slots, self.capacity = slots, capacity
         self.key_index = torch.arange(capacity, device=device)
+        # keys a decode step attends over: the whole capacity for the compiled step's static shape; eager steps
+        # stop after the furthest row's position (a prompt of 40 tokens need not read 512 cached positions)
+        self.span = capacity
         if device.type == "cuda":  # CUDA graphs: the buffers stay where they are, written in place
             torch._dynamo.mark_static_address(self.keys)
             torch._dynamo.mark_static_address(self.values)
@@ -109,7 +118,7 @@ class SlotCache:
         # one index_copy_ per layer instead of advanced indexing (several times slower on a CPU)
         row_heads = torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)
         self.rows = (row_heads * self.capacity + self.positions[:, None]).flatten()
-        self.mask = (self.key_index[None, :] <= self.positions[:, None])[:, None, None, :]
+        self.mask = (self.key_index[None, : self.span] <= self.positions[:, None])[:, None, None, :]
         return self.positions[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,10 +126,10 @@ class SlotCache:
         # row r's key at positions[r] (cast: under autocast keys come in bf16 to a cache of the weights' dtype)
         self.keys[layer].view(-1, size).index_copy_(0, self.rows, k.reshape(-1, size).to(self.keys.dtype))
         self.values[layer].view(-1, size).index_copy_(0, self.rows, v.reshape(-1, size).to(self.values.dtype))
-        return self.keys[layer, :batch], self.values[layer, :batch]
+        return self.keys[layer, :batch, :, : self.span], self.values[layer, :batch, :, : self.span]
 
     def local_mask(self, mask: torch.Tensor, queries: int, keys: int, window: int, device) -> torch.Tensor:
-        near = (self.positions[:, None] - self.key_index[None, :]) < window
+        near = (self.positions[:, None] - self.key_index[None, : self.span]) < window
         return mask & near[:, None, None, :]
 
     def advance(self, time: int) -> None:  # positions live in the engine, per sequence
@@ -324,6 +333,7 @@ class Engine:
                 positions[slot] = min(other.filled, self.cache.capacity - 1)
         for sequence in sequences:
             tokens[sequence.slot], positions[sequence.slot] = sequence.tokens[-1], sequence.filled
+        self.cache.span = self.cache.capacity if self.compiled else max(positions) + 1
         tokens_t = torch.tensor(tokens, device=self.device)[:, None]
         positions_t = torch.tensor(positions, device=self.device)
         logits = self._step_fn(self.model, self.cache, tokens_t, positions_t)
