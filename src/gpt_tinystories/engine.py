@@ -99,8 +99,9 @@ class SlotCache:
         self.slots, self.capacity = slots, capacity
         self.key_index = torch.arange(capacity, device=device)
         # keys a decode step attends over: the whole capacity for the compiled step's static shape; eager steps
-        # stop after the furthest row's position (a prompt of 40 tokens need not read 512 cached positions)
-        self.span = capacity
+        # stop after the furthest row's position (a prompt of 40 tokens need not read 512 cached positions), and
+        # where every row stands at that position (one sequence, say) they need no mask at all
+        self.span, self.masked = capacity, True
         if device.type == "cuda":  # CUDA graphs: the buffers stay where they are, written in place
             torch._dynamo.mark_static_address(self.keys)
             torch._dynamo.mark_static_address(self.values)
@@ -118,7 +119,9 @@ class SlotCache:
         # one index_copy_ per layer instead of advanced indexing (several times slower on a CPU)
         row_heads = torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)
         self.rows = (row_heads * self.capacity + self.positions[:, None]).flatten()
-        self.mask = (self.key_index[None, : self.span] <= self.positions[:, None])[:, None, None, :]
+        self.mask = (
+            (self.key_index[None, : self.span] <= self.positions[:, None])[:, None, None, :] if self.masked else None
+        )
         return self.positions[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +132,8 @@ class SlotCache:
         return self.keys[layer, :batch, :, : self.span], self.values[layer, :batch, :, : self.span]
 
     def local_mask(self, mask: torch.Tensor, queries: int, keys: int, window: int, device) -> torch.Tensor:
-        near = (self.positions[:, None] - self.key_index[None, : self.span]) < window
-        return mask & near[:, None, None, :]
+        near = ((self.positions[:, None] - self.key_index[None, : self.span]) < window)[:, None, None, :]
+        return near if mask is None else mask & near
 
     def advance(self, time: int) -> None:  # positions live in the engine, per sequence
         pass
@@ -334,6 +337,7 @@ class Engine:
         for sequence in sequences:
             tokens[sequence.slot], positions[sequence.slot] = sequence.tokens[-1], sequence.filled
         self.cache.span = self.cache.capacity if self.compiled else max(positions) + 1
+        self.cache.masked = self.compiled or min(positions) + 1 < self.cache.span
         tokens_t = torch.tensor(tokens, device=self.device)[:, None]
         positions_t = torch.tensor(positions, device=self.device)
         logits = self._step_fn(self.model, self.cache, tokens_t, positions_t)

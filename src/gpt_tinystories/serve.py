@@ -4,11 +4,12 @@
     app = serve.create_app(load("runs/quickstart"), serve.Limits(max_new_tokens=500))
     serve.run(app, serve.bind("127.0.0.1", 8000))        # or any ASGI server: uvicorn.run(app)
 
-One worker thread drives the decode engine (engine.py): each step advances every running request by a token
-together (continuous batching), new requests join between steps in free KV-cache slots, and more wait in a
-bounded queue. The event loop never runs the model: the worker hands text to it piece by piece, and a client
-that disconnects cancels its request, whose slot is free at the next step. Besides our own routes (/api/...),
-openai_api.py answers OpenAI's /v1/completions, /v1/chat/completions and /v1/models.
+One worker drives the decode engine (engine.py), on the main thread under `run()`, else on a thread of its own:
+each step advances every running request by a token together (continuous batching), new requests join between
+steps in free KV-cache slots, and more wait in a bounded queue. The event loop never runs the model: the worker
+hands text to it piece by piece, and a client that disconnects cancels its request, whose slot is free at the
+next step. Besides our own routes (/api/...), openai_api.py answers OpenAI's /v1/completions,
+/v1/chat/completions and /v1/models.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ import hmac
 import json
 import logging
 import queue
+import signal
 import socket
 import threading
 import time
@@ -214,32 +216,43 @@ class BatchWorker:
             self.waiting_jobs += 1
         self._inbox.put(job)
 
+    def run_here(self) -> None:
+        """Drive the engine on the calling thread (instead of a thread of its own) until close() or Ctrl-C."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("the worker is already running")
+            self._thread = threading.current_thread()
+        self._serve()
+
     def close(self) -> None:
-        """Cancel what runs and what waits, and end the thread."""
+        """Cancel what runs and what waits, and end the worker's loop (and its thread, if it has its own)."""
         if self._thread is not None:
             self._inbox.put(None)
-            self._thread.join(timeout=10)
+            if self._thread not in (threading.current_thread(), threading.main_thread()):
+                self._thread.join(timeout=10)
 
     def _serve(self) -> None:
-        while True:
-            if not self._take(block=not self.engine.busy):
-                break
-            for job in [job for job in self._jobs if job.cancelled]:
-                self._end(job, "cancelled", {})
-            if not self.engine.busy:
-                continue
-            step_started = time.perf_counter()
-            try:
-                produced = self.engine.step()
-            except Exception as error:  # not one request's fault (those fail alone, in the engine): fail them all
-                log.exception("the decode engine failed")
-                for job in list(self._jobs):
-                    self._end(job, "error", {"error": f"generation failed: {type(error).__name__}: {error}"})
-                continue
-            self.most_running = max(self.most_running, len(produced))
-            self._route(produced, step_started)
-        for job in list(self._jobs):
-            self._end(job, "error", {"error": "the server is shutting down"})
+        try:
+            while self._take(block=not self.engine.busy):
+                for job in [job for job in self._jobs if job.cancelled]:
+                    self._end(job, "cancelled", {})
+                if self.engine.busy:
+                    self._step()
+        finally:  # closed, or interrupted (Ctrl-C reaches the worker where it runs on the main thread)
+            for job in list(self._jobs):
+                self._end(job, "error", {"error": "the server is shutting down"})
+
+    def _step(self) -> None:
+        step_started = time.perf_counter()
+        try:
+            produced = self.engine.step()
+        except Exception as error:  # not one request's fault (those fail alone, in the engine): fail them all
+            log.exception("the decode engine failed")
+            for job in list(self._jobs):
+                self._end(job, "error", {"error": f"generation failed: {type(error).__name__}: {error}"})
+            return
+        self.most_running = max(self.most_running, len(produced))
+        self._route(produced, step_started)
 
     def _take(self, block: bool) -> bool:
         """Move requests from the inbox into the engine; False once the worker is to stop."""
@@ -553,12 +566,36 @@ def url(sock: socket.socket) -> str:
 
 
 def run(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve `app` on a socket from `bind()` until Ctrl-C (or SIGTERM)."""
+    """Serve `app` on a socket from `bind()` until Ctrl-C or SIGTERM (both raise KeyboardInterrupt here).
+
+    The decode engine runs on this thread, the main one, and uvicorn on another. Why: the main thread made an
+    OpenMP team while loading the model; a worker thread running torch would make a second one, and with more
+    OpenMP threads than cores libgomp cuts its spin-waits for good, which made decoding on 2 cores ~1.6x slower."""
     import uvicorn
 
     # timeout_graceful_shutdown: streams still open after Ctrl-C are cut after 3 s, not waited for
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3))
+    worker: BatchWorker = app.state.worker
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:  # however uvicorn stops, the engine's loop stops with it
+            worker.close()
+
+    http = threading.Thread(target=serve_http, name="http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    http.start()
+    try:
+        worker.run_here()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        http.join(timeout=10)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
