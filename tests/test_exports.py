@@ -167,7 +167,8 @@ def onnx_models(bpe, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_onnxruntime_runs_the_onnx_export_like_ours(onnx_models, bpe, kind):
     model, folder = onnx_models[kind]
-    assert {p.name for p in folder.iterdir()} == {"model.onnx", "tokenizer.json"}
+    assert {p.name for p in folder.iterdir()} == {"model.onnx", "tokenizer.json", "genai_config.json",
+                                                  "tokenizer_config.json"}  # fmt: skip
     session = ort_session(folder)
     names = [i.name for i in session.get_inputs()]
     assert names[:5] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
@@ -179,6 +180,32 @@ def test_onnxruntime_runs_the_onnx_export_like_ours(onnx_models, bpe, kind):
     with torch.no_grad():
         np.testing.assert_allclose(logits[0], model(torch.tensor([prompt]))[0].numpy(), atol=1e-4, rtol=0)
     assert tokens == ours_greedy(model, prompt, 20)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_onnxruntime_genai_loads_the_export_folder_and_decodes_our_tokens(onnx_models, bpe, kind):
+    """onnxruntime-genai reads the folder as it is (genai_config.json, tokenizer files): its tokenizer gives our
+    ids, its default search is greedy, and its tokens and every step's logits are ours (the tiny model repeats
+    itself, so the logits of each step are what checks the KV cache)."""
+    import onnxruntime_genai as og
+
+    model, folder = onnx_models[kind]
+    runtime = og.Model(str(folder))
+    assert list(og.Tokenizer(runtime).encode(STORY)) == bpe.encode(STORY)
+    prompt = [bpe.eos_id, *bpe.encode(STORY)][:16]
+    params = og.GeneratorParams(runtime)
+    params.set_search_options(max_length=len(prompt) + 20)
+    generator = og.Generator(runtime, params)
+    generator.append_tokens([prompt])
+    tokens, steps = [], []
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps.append(generator.get_output("logits")[0, -1].copy())
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == ours_greedy(model, prompt, 20)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt + tokens[:-1]]))[0, len(prompt) - 1 :].numpy()
+    np.testing.assert_allclose(np.stack(steps), ours, atol=1e-4, rtol=0)
 
 
 def test_onnx_left_padded_batch_matches_unpadded_rows(onnx_models, bpe):

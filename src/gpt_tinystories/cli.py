@@ -439,7 +439,8 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
     p.add_argument("--format", choices=["hf", "gguf", "onnx"], default="hf",
                    help="hf: transformers GPT-2, GPT-Neo or Llama folder; gguf: one llama.cpp file; "
-                   "onnx: a folder with model.onnx (KV cache inputs/outputs) and tokenizer.json")  # fmt: skip
+                   "onnx: a folder with model.onnx (KV cache inputs/outputs), its tokenizer and "
+                   "onnxruntime-genai's config")  # fmt: skip
     p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], help="gguf weights (default: f32)")
     p.add_argument("--out", required=True, help="the file (gguf) or folder to write (must not exist or be empty)")
     p.set_defaults(func=cmd_export)

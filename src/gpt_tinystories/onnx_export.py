@@ -9,10 +9,14 @@ The graph has the inputs and outputs those runtimes expect of a decoder with pas
 It is traced from our own model by `torch.onnx.export` (the torch.export-based exporter), through a cache
 object that concatenates past and new keys instead of writing into a preallocated buffer: the same modules,
 so every variant but GPT-Neo's local attention windows exports, not only those transformers has a class for.
+
+Beside the graph: tokenizer.json, and genai_config.json with tokenizer_config.json, with which onnxruntime-genai
+loads the folder as it is (`onnxruntime_genai.Model(folder)`) and decodes greedily by default.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,9 +27,10 @@ from .atomic import staging_dir
 from .config import ModelConfig
 from .errors import UserError
 from .model import GPT
-from .tokenizer import Tokenizer
+from .tokenizer import EOS, Tokenizer
 
 MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
 OPSET = 18
 
 
@@ -78,6 +83,35 @@ class WithPast(nn.Module):
         return (self.model(input_ids, cache), *cache.present)
 
 
+def genai_config(config: ModelConfig, eos_id: int) -> dict:
+    """onnxruntime-genai's description of the folder: the graph's input and output names and the model's sizes.
+    "llama" is the type of its generic decoder with a KV cache, which feeds the graph by these names and computes
+    nothing itself (its "gpt2" type expects GPT-2's older stacked past); our present holds past + new keys, so
+    past and present cannot share one buffer."""
+    context = config.context_length
+    return {
+        "model": {
+            "type": "llama",
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id,  # a story starts after EOS
+            "context_length": context, "vocab_size": config.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": config.head_size, "hidden_size": config.d_model, "num_attention_heads": config.n_head,
+                "num_hidden_layers": config.n_layer, "num_key_value_heads": config.kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
+                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1,
+                   "top_p": 1.0, "num_return_sequences": 1},
+    }  # fmt: skip
+
+
 def io_names(config: ModelConfig) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kind}" for i in range(config.n_layer) for kind in ("key", "value")]
     present = [f"present.{i}.{kind}" for i in range(config.n_layer) for kind in ("key", "value")]
@@ -85,7 +119,8 @@ def io_names(config: ModelConfig) -> tuple[list[str], list[str]]:
 
 
 def export_onnx(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Path:
-    """Write `out`/model.onnx and `out`/tokenizer.json (into a temporary folder, then renamed)."""
+    """Write `out`/model.onnx, tokenizer.json and onnxruntime-genai's two configs (into a temporary folder, then
+    renamed)."""
     out = Path(out)
     config = model.config
     if reason := unsupported(config):
@@ -93,6 +128,10 @@ def export_onnx(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike) -> Pat
     with staging_dir(out) as tmp:  # a crash or a full disk leaves no half-written folder behind
         _trace(model.eval(), tmp / MODEL_FILE)
         tokenizer.save(tmp)
+        (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(config, tokenizer.eos_id), indent=2) + "\n")
+        special = {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS, "add_bos_token": False}
+        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.context_length, **special}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out
 
 
