@@ -7,6 +7,7 @@ training loop needs. A plain `python` run is world size 1 and touches none of to
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class Distributed:
     def teardown(self) -> None:
         # A barrier before destroying the group: without it gloo sometimes aborts at exit (shared/pitfalls.md).
         if self.distributed and dist.is_initialized():
+            gc.collect()  # whatever still holds the group through a reference cycle lets go of it first
             dist.barrier()
             dist.destroy_process_group()
 

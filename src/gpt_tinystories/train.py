@@ -246,10 +246,18 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     run_dir = Path(run_dir)
     world = Distributed.setup(config.device)
     try:
-        run, state = _set_up(config, run_dir, resume, progress, world)
-        return _loop(run, state, progress)
+        return _set_up_and_loop(config, run_dir, resume, progress, world)
     finally:
         world.teardown()
+
+
+def _set_up_and_loop(
+    config: TrainConfig, run_dir: Path, resume: bool, progress: bool, world: Distributed
+) -> TrainResult:
+    # Its own frame, so that the model (and DDP's hold on the process group) is gone before the group is torn
+    # down: a gloo group destroyed under a live DDP module sometimes hung a rank at exit.
+    run, state = _set_up(config, run_dir, resume, progress, world)
+    return _loop(run, state, progress)
 
 
 def _set_up(
