@@ -16,6 +16,7 @@ from gpt_tinystories.errors import UserError
 from gpt_tinystories.evaluate import evaluate
 from gpt_tinystories.generate import Sampling, generate
 from gpt_tinystories.quantize import apply_dtype, quantize_int8
+from gpt_tinystories.serve import model_info
 from gpt_tinystories.train import train
 
 
@@ -56,6 +57,7 @@ def test_int8_through_load_generate_and_eval(trained):
     teller = load(str(trained), "cpu", "int8")
     assert isinstance(teller.model.blocks[0].mlp.up, torch.ao.nn.quantized.dynamic.Linear)
     fp32 = load(str(trained), "cpu", "fp32")
+    assert (model_info(teller)["dtype"], model_info(fp32)["dtype"]) == ("int8", "float32")  # what /api/model says
     prompt = [teller.tokenizer.eos_id, *teller.tokenizer.encode("Once upon a time")]
     ours, reference = (generate(t.model, [prompt], 12, Sampling(temperature=0))[0] for t in (teller, fp32))
     assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 9

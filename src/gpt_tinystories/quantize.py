@@ -45,6 +45,13 @@ def apply_dtype(model: GPT, dtype: str) -> GPT:
     return model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
+def weights_dtype(model: GPT) -> str:
+    """int8 for a model from quantize_int8 (its embedding stays fp32), else its weights' dtype."""
+    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.blocks.modules()):
+        return "int8"
+    return str(model.wte.weight.dtype).removeprefix("torch.")
+
+
 def quantize_int8(model: GPT) -> GPT:
     """A copy of `model` (on the CPU) whose blocks' Linear layers are int8, for inference."""
     check_int8(model.wte.weight.device)

@@ -38,6 +38,7 @@ from .config import PRESETS
 from .engine import Engine, Sampling
 from .errors import UserError
 from .generate import Storyteller, TextStream
+from .quantize import weights_dtype
 
 log = logging.getLogger("gpt_tinystories.serve")
 
@@ -373,7 +374,7 @@ def model_info(teller: Storyteller) -> dict[str, Any]:
         "trained_as": meta.train_config.get("preset"),
         "parameters": model.num_parameters(),
         "config": config.to_dict(),
-        "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+        "dtype": weights_dtype(model),
         "device": str(model.wte.weight.device),
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
         "training": {key: getattr(meta, key) for key in ("step", "tokens", "val_loss", "best_val_loss")},
