@@ -49,7 +49,7 @@ BASE = {"preset": "1M", "tokenizer": "bpe-4096", "context_length": 256, "batch_s
 COMBO = {"position": "rope", "optimizer": "muon", "qk_norm": True, "n_head": 4, "schedule": "wsd",
          "decay_fraction": 0.3, "warmup_steps": 30}  # fmt: skip
 WIDE_SHALLOW = {"d_model": 128, "n_layer": 4, "n_head": 4}
-RECIPE = {**WIDE_SHALLOW, "tokens_per_step": 4096, "warmup_steps": 200}  # round 2's winner: configs/cpu-10min.toml
+RECIPE = {**WIDE_SHALLOW, "tokens_per_step": 4096, "warmup_steps": 200}  # round 2's winner, which round 3 builds on
 ARMS: dict[str, dict] = {
     "base": {},
     "rope": {"position": "rope"},
@@ -101,6 +101,15 @@ ARMS: dict[str, dict] = {
     "rec-muon": {**RECIPE, "optimizer": "muon"},
     "rec-w256": {**RECIPE, "d_model": 256, "n_head": 8},
     "w192-wsd": {**RECIPE, "d_model": 192, "n_head": 6, "schedule": "wsd", "decay_fraction": 0.3},
+    # Round 3's winner, configs/cpu-10min.toml: the three changes that helped, together.
+    "w192-wsd-wd": {
+        **RECIPE,
+        "d_model": 192,
+        "n_head": 6,
+        "schedule": "wsd",
+        "decay_fraction": 0.3,
+        "weight_decay": 0.3,
+    },
 }
 
 
@@ -297,7 +306,7 @@ def run_study(args: argparse.Namespace) -> None:
 
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(launch, jobs))
-    write_report(results_dir, results, speeds, base_speed, time.perf_counter() - started)
+    write_report(results_dir, results, speeds, base_speed)
 
 
 def _outcome(run_dir: Path) -> dict:
@@ -306,10 +315,13 @@ def _outcome(run_dir: Path) -> dict:
         return {}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
-    return {"bpb": evals[-1]["val_bpb"], "loss": evals[-1]["val_loss"], "sample": evals[-1]["sample"]} if evals else {}
+    if not evals:
+        return {}
+    last = evals[-1]
+    return {"bpb": last["val_bpb"], "loss": last["val_loss"], "sample": last["sample"], "seconds": last["seconds"]}
 
 
-def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float, seconds: float) -> None:
+def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float) -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
@@ -332,8 +344,9 @@ def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float
         f"Speeds (phase 1) measured on {speeds['cpu']} ({speeds['cores']} cores, torch {speeds['torch']}, load "
         f"average {speeds['load_before']:.1f} -> {speeds['load_after']:.1f}) as ratios to the base arm, timed "
         f"alternately; CPU tokens/s = ratio x {base_speed:,.0f} (the base arm's), budget = {BUDGET_SECONDS} s of "
-        f"that. Runs (phase 2) on {device}, fp32, "
-        f"{seconds:.0f} s in all. Score: bits per byte on the held-out last 10% of train-head.txt, all windows.",
+        f"that. Runs (phase 2) on {device}, fp32, {sum(r['seconds'] for r in results):,.0f} s of training in all "
+        "(summed over runs, those read from --work included). Score: bits per byte on the held-out last 10% of "
+        "train-head.txt, all windows.",
         "",
         f"| arm | change | CPU tokens/s | tokens | bits/byte per seed | mean | spread (max-min) | vs {against} |",
         "|---|---|---|---|---|---|---|---|",
