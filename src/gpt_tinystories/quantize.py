@@ -47,7 +47,7 @@ def apply_dtype(model: GPT, dtype: str) -> GPT:
 
 def weights_dtype(model: GPT) -> str:
     """int8 for a model from quantize_int8 (its embedding stays fp32), else its weights' dtype."""
-    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.blocks.modules()):
+    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules()):
         return "int8"
     return str(model.wte.weight.dtype).removeprefix("torch.")
 
