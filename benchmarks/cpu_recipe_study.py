@@ -50,6 +50,8 @@ COMBO = {"position": "rope", "optimizer": "muon", "qk_norm": True, "n_head": 4, 
          "decay_fraction": 0.3, "warmup_steps": 30}  # fmt: skip
 WIDE_SHALLOW = {"d_model": 128, "n_layer": 4, "n_head": 4}
 RECIPE = {**WIDE_SHALLOW, "tokens_per_step": 4096, "warmup_steps": 200}  # round 2's winner, which round 3 builds on
+# Round 3's winner, configs/cpu-10min.toml, which round 4 builds on.
+R3 = {**RECIPE, "d_model": 192, "n_head": 6, "schedule": "wsd", "decay_fraction": 0.3, "weight_decay": 0.3}
 ARMS: dict[str, dict] = {
     "base": {},
     "rope": {"position": "rope"},
@@ -102,14 +104,13 @@ ARMS: dict[str, dict] = {
     "rec-w256": {**RECIPE, "d_model": 256, "n_head": 8},
     "w192-wsd": {**RECIPE, "d_model": 192, "n_head": 6, "schedule": "wsd", "decay_fraction": 0.3},
     # Round 3's winner, configs/cpu-10min.toml: the three changes that helped, together.
-    "w192-wsd-wd": {
-        **RECIPE,
-        "d_model": 192,
-        "n_head": 6,
-        "schedule": "wsd",
-        "decay_fraction": 0.3,
-        "weight_decay": 0.3,
-    },
+    "w192-wsd-wd": R3,
+    # Round 4, around round 3's winner at the tokens its real 10-minute run reached (4.5M, ~9 passes over the
+    # sample): the step-size and regularisation levers that leave a step's cost alone.
+    "r4-recipe": R3,
+    "r4-wd-0.6": {**R3, "weight_decay": 0.6},
+    "r4-lr-5e-3": {**R3, "lr": 5e-3},
+    "r4-decay-0.5": {**R3, "decay_fraction": 0.5},
 }
 
 
@@ -335,8 +336,8 @@ def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float
         spread = (max(figures) - min(figures)) if len(figures) > 1 else float("nan")
         rows.append((mean, name, figures, spread, runs))
     rows.sort(key=lambda row: row[0])
-    # arms are compared with the quick start's, or where it did not run (round 3), with the recipe's
-    against = next((name for name in ("base", "ws-batch-4k") if name in by_arm), "base")
+    # arms are compared with the quick start's, or where it did not run, with the recipe a round builds on
+    against = next((name for name in ("base", "ws-batch-4k", "r4-recipe") if name in by_arm), "base")
     base = next((row[0] for row in rows if row[1] == against), None)
     lines = [
         "# 10-minute CPU recipe study: results",

@@ -88,33 +88,36 @@ class SlotCache:
     """Keys and values of `slots` sequences, each up to `capacity` positions, preallocated once.
 
     During a decode step it is the model's cache for rows 0..b-1 (b the step's batch): row r writes its new key
-    and value at `positions[r]` and attends over the whole capacity, masked to positions <= its own."""
+    and value at `positions[r]` and attends over the whole capacity, masked to positions <= its own.
+
+    One tensor per layer, not one for all layers: a compiled step writes each in place, where writes into slices
+    of one shared tensor are compiled into a copy of the whole cache per layer."""
 
     def __init__(self, config: ModelConfig, slots: int, capacity: int, device: torch.device, dtype: torch.dtype):
         if capacity > config.context_length:
             raise ValueError(f"KV cache capacity {capacity} exceeds context_length={config.context_length}")
-        shape = (config.n_layer, slots, config.kv_heads, capacity, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.slots, self.capacity = slots, capacity
+        shape = (slots, config.kv_heads, capacity, config.head_size)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.slots, self.capacity, self.dtype = slots, capacity, dtype
         self.key_index = torch.arange(capacity, device=device)
         # keys a decode step attends over: the whole capacity for the compiled step's static shape; eager steps
         # stop after the furthest row's position (a prompt of 40 tokens need not read 512 cached positions), and
         # where every row stands at that position (one sequence, say) they need no mask at all
         self.span, self.masked = capacity, True
         if device.type == "cuda":  # CUDA graphs: the buffers stay where they are, written in place
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+            for buffer in self.keys + self.values:
+                torch._dynamo.mark_static_address(buffer)
         self.positions = self.rows = self.mask = None
         self.causal = False
 
     @property
     def bytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.keys + self.values)
 
     # The protocol model.GPT calls with a cache: begin, update, local_mask, advance (see model.KVCache).
     def begin(self, time: int) -> torch.Tensor:
-        batch, heads, device = self.positions.shape[0], self.keys.shape[2], self.positions.device
+        batch, heads, device = self.positions.shape[0], self.keys[0].shape[1], self.positions.device
         # where row r, head h writes, in a layer's cache seen as (slots * heads * capacity, head_size) rows:
         # one index_copy_ per layer instead of advanced indexing (several times slower on a CPU)
         row_heads = torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)
@@ -127,9 +130,9 @@ class SlotCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, size = k.shape[0], k.shape[-1]
         # row r's key at positions[r] (cast: under autocast keys come in bf16 to a cache of the weights' dtype)
-        self.keys[layer].view(-1, size).index_copy_(0, self.rows, k.reshape(-1, size).to(self.keys.dtype))
-        self.values[layer].view(-1, size).index_copy_(0, self.rows, v.reshape(-1, size).to(self.values.dtype))
-        return self.keys[layer, :batch, :, : self.span], self.values[layer, :batch, :, : self.span]
+        self.keys[layer].view(-1, size).index_copy_(0, self.rows, k.reshape(-1, size).to(self.dtype))
+        self.values[layer].view(-1, size).index_copy_(0, self.rows, v.reshape(-1, size).to(self.dtype))
+        return self.keys[layer][:batch, :, : self.span], self.values[layer][:batch, :, : self.span]
 
     def local_mask(self, mask: torch.Tensor, queries: int, keys: int, window: int, device) -> torch.Tensor:
         near = ((self.positions[:, None] - self.key_index[None, : self.span]) < window)[:, None, None, :]
@@ -161,9 +164,10 @@ class _SlotPrefill:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache, slot = self.cache, self.slot
-        cache.keys[layer, slot, :, self.start : self.end] = k[0]
-        cache.values[layer, slot, :, self.start : self.end] = v[0]
-        return cache.keys[layer, slot : slot + 1, :, : self.end], cache.values[layer, slot : slot + 1, :, : self.end]
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[slot, :, self.start : self.end] = k[0]
+        values[slot, :, self.start : self.end] = v[0]
+        return keys[slot : slot + 1, :, : self.end], values[slot : slot + 1, :, : self.end]
 
     def local_mask(self, mask, queries: int, keys: int, window: int, device) -> torch.Tensor:
         return _local(mask, queries, keys, window, device)
@@ -417,9 +421,7 @@ def measure_compile(engine: Engine, force: bool = False, steps: int = 20) -> str
     if engine.device.type == "cuda" and not engine.busy:  # before serving: CUDA graphs are recorded for its cache
         cache = engine.cache
     else:
-        cache = SlotCache(
-            engine.config, engine.max_batch, engine.cache.capacity, engine.device, engine.cache.keys.dtype
-        )
+        cache = SlotCache(engine.config, engine.max_batch, engine.cache.capacity, engine.device, engine.cache.dtype)
     sizes = sorted({1, engine.max_batch})
 
     def per_token(step_fn: Callable) -> list[float]:
