@@ -107,7 +107,7 @@ ARMS: dict[str, dict] = {
     "w192-wsd-wd": R3,
     # Round 4, around round 3's winner at the tokens its real 10-minute run reached (4.5M, ~9 passes over the
     # sample): stronger weight decay, which leaves a step's cost alone. 0.6 is configs/cpu-10min.toml.
-    "r4-recipe": R3,
+    "r4-recipe": R3,  # round 3's winner again, at round 4's budget (a run of its own)
     "r4-wd-0.6": {**R3, "weight_decay": 0.6},
     "r4-wd-1.0": {**R3, "weight_decay": 1.0},
 }

@@ -2,6 +2,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,11 @@ def test_the_run_dir_holds_everything_a_user_looks_for(tmp_path, tokenizer_file)
     assert [r["step"] for r in evals] == [10, 20, 30, 40]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(4096)  # it learns
     assert all(r["sample"].startswith("One day, a little girl named Lily found a needle in her room.") for r in evals)
-    assert evals[-1]["sample"] in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert evals[-1]["sample"] in log
+    # eval_batches 2 of batch 4: the log says that training's figure covers 8 windows, not all of them
+    covered = re.search(r"validation on 8 of (\d+) windows \(eval: all\)", log)
+    assert covered and int(covered[1]) > 8
     assert 0.5 < evals[-1]["val_bpb"] < evals[0]["val_bpb"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step-000030", "step-000040"]
     best = checkpoint.load_meta(run / "checkpoints" / "best")

@@ -92,6 +92,12 @@ class Evaluator:
         self.token_bytes = torch.tensor(tokenizer.token_bytes(), device=self.device)
         self._gpt2_tokens: int | None = None
 
+    @property
+    def windows_scored(self) -> int:
+        """How many windows evaluate() scores: those of the first `max_batches` batches, or all."""
+        total = len(self.windows)
+        return total if self.max_batches is None else min(total, self.max_batches * self.batch_size)
+
     @classmethod
     def from_data(
         cls,
