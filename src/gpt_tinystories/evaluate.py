@@ -94,9 +94,7 @@ class Evaluator:
 
     @property
     def windows_scored(self) -> int:
-        """How many windows evaluate() scores: those of the first `max_batches` batches, or all."""
-        total = len(self.windows)
-        return total if self.max_batches is None else min(total, self.max_batches * self.batch_size)
+        return windows_scored(len(self.windows), self.batch_size, self.max_batches)
 
     @classmethod
     def from_data(
@@ -152,6 +150,11 @@ class Evaluator:
             return judge_stories(Storyteller(model, self.tokenizer), texts, name, config, index)
 
 
+def windows_scored(total: int, batch_size: int, max_batches: int | None) -> int:
+    """How many of `total` windows evaluate() scores: those of the first `max_batches` batches, or all."""
+    return total if max_batches is None else min(total, max_batches * batch_size)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -166,7 +169,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = token_bytes.device
-    count = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
+    count = windows_scored(len(windows), batch_size, max_batches)
     nats = torch.zeros((), dtype=torch.float64, device=device)
     text_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for first in tqdm(range(0, count, batch_size), desc="eval", unit="batch", disable=None if progress else True):
