@@ -1,12 +1,22 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import sample
 
 from gpt_tinystories.config import ModelConfig
-from gpt_tinystories.evaluate import SAMPLE_PROMPT, EvalResult, Evaluator, evaluate, gpt2_tokens_scored
+from gpt_tinystories.evaluate import (
+    SAMPLE_PROMPT,
+    EvalResult,
+    Evaluator,
+    evaluate,
+    gpt2_token_count,
+    gpt2_tokens_scored,
+    scored_windows,
+)
 from gpt_tinystories.model import GPT
+from gpt_tinystories.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +30,29 @@ def evaluator(bpe):
     return Evaluator.from_data(sample("validation-first1000.txt"), bpe, context_length=32, batch_size=4, max_batches=3)
 
 
-def test_evaluate_scores_the_first_batches_and_counts_their_gpt2_tokens(bpe, model, evaluator):
+def test_max_batches_scores_windows_spread_over_the_data_not_the_first_ones():
+    assert scored_windows(10, 2, None).tolist() == list(range(10))  # all, in order
+    assert scored_windows(10, 2, 2).tolist() == [0, 2, 5, 7]
+    assert scored_windows(10, 4, 3).tolist() == list(range(10))  # more asked for than there are
+
+
+def test_evaluate_scores_spread_windows_and_counts_their_gpt2_tokens(bpe, model, evaluator):
     result = evaluator.evaluate(model)
     assert result.tokens == 3 * 4 * 32  # max_batches x batch_size windows of 32 predicted tokens
-    # the same figures as the lower-level function, window for window
+    # the same figures as the lower-level function, and as scoring the spread windows one by one
     token_bytes = torch.tensor(bpe.token_bytes())
     plain = evaluate(model, evaluator.windows, token_bytes, 4, 3)
     assert result.nats == pytest.approx(plain.nats, rel=1e-12) and result.text_bytes == plain.text_bytes
-    assert result.gpt2_tokens == gpt2_tokens_scored(plain, evaluator.windows, bpe)
+    windows = evaluator.windows
+    indices = scored_windows(len(windows), 4, 3)
+    assert indices[-1] > len(windows) // 2  # from the whole file, not its first 12 windows
+    one_by_one = [model.loss(*windows.stack([i]), reduction="sum").item() for i in indices]
+    assert result.nats == pytest.approx(sum(one_by_one), rel=1e-5)
+    assert result.gpt2_tokens == gpt2_tokens_scored(windows, indices, bpe)
+    # all windows in order: consecutive windows are counted as the one text they are, not window by window
+    everything = np.arange(len(windows))
+    whole = np.concatenate([windows.window(i)[1:] for i in everything])
+    assert gpt2_tokens_scored(windows, everything, bpe) == gpt2_token_count(bpe, whole, Tokenizer.gpt2())
     # an untrained model is near uniform over the vocabulary
     assert abs(result.loss - math.log(bpe.vocab_size)) < 0.5
     assert result.to_record() == {"val_loss": result.loss, "val_bpb": result.bits_per_byte,

@@ -83,7 +83,7 @@ def test_the_run_dir_holds_everything_a_user_looks_for(tmp_path, tokenizer_file)
     log = (run / "train.log").read_text()
     assert evals[-1]["sample"] in log
     # eval_batches 2 of batch 4: the log says that training's figure covers 8 windows, not all of them
-    covered = re.search(r"validation on 8 of (\d+) windows \(eval: all\)", log)
+    covered = re.search(r"validation on 8 of (\d+) windows spread evenly \(eval: all\)", log)
     assert covered and int(covered[1]) > 8
     assert 0.5 < evals[-1]["val_bpb"] < evals[0]["val_bpb"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "step-000030", "step-000040"]

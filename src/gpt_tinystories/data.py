@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -379,7 +379,11 @@ class TokenWindows:
 
     def batch(self, first: int, count: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""
-        rows = np.stack([self.window(self.window_index(p)) for p in range(first, first + count)])
+        return self.stack([self.window_index(p) for p in range(first, first + count)], device)
+
+    def stack(self, indices: Iterable[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (len(indices), context_length) of the windows `indices`."""
+        rows = np.stack([self.window(int(i)) for i in indices])
         tokens = torch.from_numpy(rows.astype(np.int64))
         if torch.device(device).type == "cuda":  # from pinned memory the copy need not wait for the GPU's queue
             tokens = tokens.pin_memory().to(device, non_blocking=True)

@@ -434,13 +434,15 @@ def train_step(run: Run, step: int, lr: float) -> StepResult:
 def _describe(run: Run, state: TrainState) -> str:
     config, model, evaluator = run.config, run.model, run.evaluator
     verb = "resuming from step" if run.checkpointer.resumed else "training from step"
+    scored, windows = evaluator.windows_scored, len(evaluator.windows)
+    spread = " spread evenly (eval: all)" if scored < windows else ""
     return (
         f"{verb} {state.step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
         f"{model.num_parameters(True):,} non-embedding), tokenizer {run.tokenizer.name} "
         f"({run.tokenizer.vocab_size}), {run.world.device} {run.precision}{run.loss_fn.describe()}, "
         f"{run.tokens_per_step:,} tokens/step ({config.batch_size}x{config.context_length} x {run.accumulation} "
-        f"accumulation), {len(run.train_windows):,} training windows, validation on {evaluator.windows_scored:,} of "
-        f"{len(evaluator.windows):,} windows (eval: all), budget {run.budget.total_steps or '-'} steps"
+        f"accumulation), {len(run.train_windows):,} training windows, validation on {scored:,} of {windows:,} "
+        f"windows{spread}, budget {run.budget.total_steps or '-'} steps"
         f"{f' / {config.max_time}' if config.max_time else ''} -> {run.run_dir}"
     )
 
