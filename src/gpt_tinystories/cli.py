@@ -413,7 +413,8 @@ def _add_training_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="also score each run's best checkpoint on this data (hub id, file or folder)")
     p.add_argument("--split", default="validation", help="split of a hub dataset for --data")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="for --data")
-    p.add_argument("--max-batches", type=_positive_int, help="score only this many batches of --data")
+    p.add_argument("--max-batches", type=_positive_int,
+                   help="score only this many batches of --data (windows spread evenly over it)")  # fmt: skip
     p.set_defaults(func=cmd_compare)
 
 
@@ -428,7 +429,8 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split of a hub dataset (default: validation)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--max-batches", type=_positive_int, help="evaluate only this many batches")
+    p.add_argument("--max-batches", type=_positive_int,
+                   help="evaluate only this many batches (windows spread evenly over the data)")  # fmt: skip
     p.add_argument("--context-length", type=_positive_int, help="window length (default: the model's context)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--device", default="auto")
