@@ -171,30 +171,6 @@ def test_the_compiled_step_decodes_the_same_greedy_tokens_as_eager(model):
     assert eager == [recomputed_greedy(model, p, 20) for p in prompts]
 
 
-def test_serve_auto_compiles_on_a_cpu_beside_eager_decoding_and_switches_between_steps(model, capsys):
-    from gpt_tinystories.cli import _decide_compile
-
-    torch.manual_seed(6)
-    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (4, 9)]
-    expected = generate(model, prompts, 20, GREEDY)
-    engine = Engine(model, max_batch=2, capacity=32)
-    compiling = _decide_compile(engine, "auto")
-    decoded_while_compiling = 0
-    while compiling.is_alive():  # the engine keeps decoding (eagerly) on this thread meanwhile
-        sequences = [engine.add(p, 20, GREEDY) for p in prompts]
-        run(engine)
-        assert [s.generated for s in sequences] == expected
-        decoded_while_compiling += 1
-    compiling.join()
-    verdict = capsys.readouterr().err
-    assert decoded_while_compiling > 0 and verdict.startswith("compiled decode step: "), verdict
-    assert engine.compiled == ("using it" in verdict)  # kept only where it measured faster at batch 1 and 2
-    engine.use_compiled()  # whatever the measurement, the switched engine decodes the same tokens
-    sequences = [engine.add(p, 20, GREEDY) for p in prompts]
-    run(engine)
-    assert [s.generated for s in sequences] == expected
-
-
 def test_decoding_under_bf16_autocast_runs_as_training_samples_do(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (out,) = generate(model, [[5, 6, 7]], 6, Sampling(0.8, top_k=50), generator=torch.Generator().manual_seed(0))

@@ -211,8 +211,7 @@ class Engine:
     """Continuous batching over `max_batch` KV-cache slots of `capacity` positions (default: the context).
 
     add() queues a sequence; step() runs one engine step and returns the (sequence, token) pairs it produced;
-    cancel() ends a sequence, freeing its slot at the next step. Not thread-safe: one thread drives an engine
-    (use_compiled() alone may come from another).
+    cancel() ends a sequence, freeing its slot at the next step. Not thread-safe: one thread drives an engine.
     `compile`: compile the decode step (True), or not (False). Compiling happens on first use of each shape, or
     up front in warm_up()."""
 
@@ -229,8 +228,8 @@ class Engine:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.cache = SlotCache(self.config, max_batch, capacity or self.config.context_length, weight.device,
                                weight.dtype)  # fmt: skip
-        # None: eager steps. One attribute, so that use_compiled() from another thread switches between two steps
-        self._compiled_fn: Callable | None = _compiled_step(weight.device) if compile else None
+        self.compiled = compile
+        self._step_fn: Callable = _compiled_step(weight.device) if compile else _decode_step
         self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps the batch buckets small
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
@@ -341,12 +340,11 @@ class Engine:
                 positions[slot] = min(other.filled, self.cache.capacity - 1)
         for sequence in sequences:
             tokens[sequence.slot], positions[sequence.slot] = sequence.tokens[-1], sequence.filled
-        compiled = self._compiled_fn
-        self.cache.span = self.cache.capacity if compiled else max(positions) + 1
-        self.cache.masked = compiled is not None or min(positions) + 1 < self.cache.span
+        self.cache.span = self.cache.capacity if self.compiled else max(positions) + 1
+        self.cache.masked = self.compiled or min(positions) + 1 < self.cache.span
         tokens_t = torch.tensor(tokens, device=self.device)[:, None]
         positions_t = torch.tensor(positions, device=self.device)
-        logits = (compiled or _decode_step)(self.model, self.cache, tokens_t, positions_t)
+        logits = self._step_fn(self.model, self.cache, tokens_t, positions_t)
         for sequence in sequences:
             sequence.filled += 1
         return logits[torch.tensor([s.slot for s in sequences], device=self.device)]
@@ -397,7 +395,7 @@ class Engine:
     def warm_up(self, step_fn: Callable | None = None, cache: SlotCache | None = None) -> float:
         """Run (and so compile) the decode step at every batch size it will use; the seconds it took. Only while
         no sequence runs, or on a scratch `cache` of the same shape."""
-        step_fn, cache = step_fn or self._compiled_fn or _decode_step, cache or self.cache
+        step_fn, cache = step_fn or self._step_fn, cache or self.cache
         started = time.perf_counter()
         for size in self.batch_sizes:
             tokens = torch.zeros(size, 1, dtype=torch.long, device=self.device)
@@ -411,13 +409,8 @@ class Engine:
     def batch_sizes(self) -> list[int]:
         return sorted({_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
 
-    @property
-    def compiled(self) -> bool:
-        return self._compiled_fn is not None
-
     def use_compiled(self) -> None:
-        """Decode with the compiled step from the next step on (safe from another thread while this one decodes)."""
-        self._compiled_fn = _compiled_step(self.device)
+        self._step_fn, self.compiled = _compiled_step(self.device), True
 
 
 def measure_compile(engine: Engine, force: bool = False, steps: int = 20) -> str:
