@@ -239,6 +239,18 @@ def test_the_serve_command_listens_on_loopback_and_stops_on_ctrl_c(checkpoint_di
     assert process.returncode == 130 and "Traceback" not in err, err
 
 
+def test_the_serve_command_stops_normally_on_sigterm(checkpoint_dir):
+    # a service manager's stop (systemd, docker stop) is not a failure: exit 0, where Ctrl-C exits 130
+    process = cli("serve", "--checkpoint", checkpoint_dir, "--port", "0", "--log-level", "warning")
+    try:
+        assert process.stdout.readline().startswith("story playground for ")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -231,8 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not loopback and not api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use the "
               f"model (set --api-key or ${serve.API_KEY_ENV})", file=sys.stderr)  # fmt: skip
-    print(f"story playground for {app.state.worker.teller.source} at {serve.url(sock)} (Ctrl-C stops)", flush=True)
-    serve.run(app, sock, args.log_level)
+    ready = f"story playground for {app.state.worker.teller.source} at {serve.url(sock)} (Ctrl-C stops)"
+    serve.run(app, sock, args.log_level, on_ready=lambda: print(ready, flush=True))
 
 
 def _decide_compile(engine, choice: str) -> None:

@@ -23,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
@@ -566,8 +566,9 @@ def url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-def run(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve `app` on a socket from `bind()` until Ctrl-C or SIGTERM (both raise KeyboardInterrupt here).
+def run(app: FastAPI, sock: socket.socket, log_level: str = "info", on_ready: Callable[[], None] | None = None) -> None:
+    """Serve `app` on a socket from `bind()` until Ctrl-C (KeyboardInterrupt, raised on) or SIGTERM (a service
+    manager's stop: returns normally, so the process exits 0). `on_ready` runs once both are handled.
 
     The decode engine runs on this thread, the main one, and uvicorn on another. Why: the main thread made an
     OpenMP team while loading the model; a worker thread running torch would make a second one, and with more
@@ -585,18 +586,26 @@ def run(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
             worker.close()
 
     http = threading.Thread(target=serve_http, name="http", daemon=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     http.start()
     try:
+        if on_ready is not None:
+            on_ready()
         worker.run_here()
+    except _Terminated:
+        pass
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.should_exit = True
         http.join(timeout=10)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: a KeyboardInterrupt, so that it stops the worker's loop wherever it waits, as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 @contextlib.contextmanager
