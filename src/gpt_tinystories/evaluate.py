@@ -96,7 +96,10 @@ class Evaluator:
 
     @property
     def windows_scored(self) -> int:
-        return len(scored_windows(len(self.windows), self.batch_size, self.max_batches))
+        return len(self._scored())
+
+    def _scored(self) -> np.ndarray:
+        return scored_windows(len(self.windows), self.batch_size, self.max_batches)
 
     @classmethod
     def from_data(
@@ -119,8 +122,7 @@ class Evaluator:
         result = evaluate(model, self.windows, self.token_bytes, self.batch_size, self.max_batches, self.autocast,
                           progress)  # fmt: skip
         if self._gpt2_tokens is None:  # the same windows every time: count their text's GPT-2 tokens once
-            indices = scored_windows(len(self.windows), self.batch_size, self.max_batches)
-            self._gpt2_tokens = gpt2_tokens_scored(self.windows, indices, self.tokenizer)
+            self._gpt2_tokens = gpt2_tokens_scored(self.windows, self._scored(), self.tokenizer)
         result.gpt2_tokens = self._gpt2_tokens
         return result
 
