@@ -1,26 +1,30 @@
 """GPU check of the attention kernels (issue 14, point 4): exactness on CUDA, kernel timings, 28M MFU.
 
-    PYTHONPATH=src python benchmarks/gpu_attention_check.py [--compile] [--steps 15]
+    PYTHONPATH=src python benchmarks/gpu_attention_check.py [--compile] [--steps 15] [--batch 32]
 
 1. Exactness: a small model's logits and gradients with each kernel (sdpa, blocked, flex), with and without
    document masking, against plain causal SDPA (fp32); and a story's loss alone against the same story packed
    behind another one. Prints the largest differences; exits 1 if any exceeds its tolerance.
 2. Kernel timings at the 28M preset's attention shape (16 heads of 32, context 512, bf16), forward + backward,
-   causal and with stories of 100-300 tokens (synthetic EOS positions, TinyStories' typical length).
-3. MFU of the 28M preset (vocabulary 4096): bf16 autocast, fused AdamW, batch 32 x 512, on random tokens with
-   the same synthetic stories: causal, and document-masked with attention = auto (which measures and names its
-   choice); with --compile also torch.compile'd causal (adds ~1 min of compilation). MFU as in train_mfu.py.
+   causal and with stories of 100-300 tokens (synthetic EOS positions, TinyStories' typical length); causal SDPA
+   with each of its CUDA backends forced (flash, memory-efficient, cuDNN).
+3. MFU of the 28M preset (vocabulary 4096): bf16 autocast, fused AdamW, batch --batch x 512, on random tokens
+   with the same synthetic stories: causal, document-masked with attention = auto (which measures and names its
+   choice), and causal with cuDNN's attention forced; with --compile also torch.compile'd causal, with and without
+   cuDNN (adds ~1-2 min of compilation). MFU as in train_mfu.py.
 Takes < 1 minute on an H100 without --compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt_tinystories import attention
 from gpt_tinystories.config import ModelConfig
@@ -108,6 +112,21 @@ def time_kernels(device: torch.device) -> None:
                 print(f"  {label:<8} {kernel:<8} {(time.perf_counter() - started) * 100:.2f} ms fwd+bwd")
             except Exception as error:
                 print(f"  {label:<8} {kernel:<8} FAILED {type(error).__name__}: {error}")
+    # Which of SDPA's CUDA backends is fastest at head size 32 (PyTorch picks flash first; cuDNN's may be faster).
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        q, k, v = (t.clone().requires_grad_() for t in qkv)
+        try:
+            with sdpa_kernel(backend):
+                for _ in range(3):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                for _ in range(10):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                torch.cuda.synchronize()
+            print(f"  causal   sdpa {backend.name.lower():<20} {(time.perf_counter() - started) * 100:.2f} ms fwd+bwd")
+        except Exception as error:
+            print(f"  causal   sdpa {backend.name.lower():<20} FAILED {type(error).__name__}: {str(error)[:100]}")
     # Training draws new stories every step: a new block mask (and mask function) must not recompile flex.
     try:
         started = time.perf_counter()
@@ -122,7 +141,7 @@ def time_kernels(device: torch.device) -> None:
         print(f"  stories  flex, new stories each call: FAILED {type(error).__name__}: {error}")
 
 
-def mfu(device: torch.device, steps: int, document_mask: bool, compile: bool) -> None:
+def mfu(device: torch.device, steps: int, batch: int, document_mask: bool, compile: bool, cudnn: bool = False) -> None:
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from train_mfu import DATASHEET_BF16_TFLOPS, flops_per_token
 
@@ -131,29 +150,33 @@ def mfu(device: torch.device, steps: int, document_mask: bool, compile: bool) ->
     model = GPT(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     loss_fn = torch.compile(model.loss) if compile else model.loss
-    idx = stories(32, 513, 4096).to(device)
+    idx = stories(batch, 513, 4096).to(device)
     for step in range(steps + 5):
         if step == 5:
             torch.cuda.synchronize()
             started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), contextlib.ExitStack() as stack:
+            if cudnn:
+                stack.enter_context(sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
             loss = loss_fn(idx[:, :-1], idx[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    tokens_per_second = steps * 32 * 512 / (time.perf_counter() - started)
+    tokens_per_second = steps * batch * 512 / (time.perf_counter() - started)
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
     achieved = tokens_per_second * flops_per_token(config) / 1e12
     shown = f"{100 * achieved / peak:.1f}% MFU" if peak else "MFU: unknown GPU peak"
     label = ("document mask, attention auto" if document_mask else "causal") + (", compiled" if compile else "")
+    label += ", cuDNN attention" if cudnn else ""
     print(f"  28M {label}: {tokens_per_second:,.0f} tokens/s, {achieved:.1f} TFLOP/s, {shown}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=32, help="sequences of 512 tokens per training step")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd causal model")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -164,12 +187,16 @@ def main() -> None:
     ok = check_exactness(device)
     print("2. attention kernels at the 28M shape (batch 16, 16 heads of 32, context 512, bf16)")
     time_kernels(device)
-    print(f"3. 28M training, batch 32x512, bf16, {args.steps} timed steps")
-    mfu(device, args.steps, document_mask=False, compile=False)
-    mfu(device, args.steps, document_mask=True, compile=False)
+    print(f"3. 28M training, batch {args.batch}x512, bf16, {args.steps} timed steps")
+    variants = [(False, False, False), (True, False, False), (False, False, True)]  # (documents, compile, cudnn)
+    variants += [(False, True, False), (False, True, True)] if args.compile else []
+    for document_mask, compile, cudnn in variants:
+        try:
+            mfu(device, args.steps, args.batch, document_mask, compile, cudnn)
+        except Exception as error:  # report and go on: the other variants still tell something
+            print(f"  28M document_mask={document_mask} compile={compile} cudnn={cudnn}: FAILED "
+                  f"{type(error).__name__}: {str(error)[:100]}")  # fmt: skip
     print(f"  auto's choices: {attention._chosen}")
-    if args.compile:
-        mfu(device, args.steps, document_mask=False, compile=True)
     sys.exit(0 if ok else 1)
 
 

@@ -33,11 +33,11 @@ def flops_per_token(model_config) -> float:
     return 6 * matmul_params + 12 * model_config.n_layer * model_config.d_model * model_config.context_length
 
 
-def run_ours(args: argparse.Namespace, preset: str, batch_size: int, compile: bool) -> dict:
+def run_ours(args: argparse.Namespace, preset: str, batch_size: int, compile: bool, torchrun: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                   "-m", "gpt_tinystories", "train", "--preset", preset, "--data", args.data,
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun else []
+        command = [sys.executable, *launcher, "-m", "gpt_tinystories", "train", "--preset", preset, "--data", args.data,
                    "--tokenizer", args.tokenizer, "--batch-size", str(batch_size),
                    "--tokens-per-step", str(batch_size * args.context), "--context-length", str(args.context),
                    "--max-steps", str(args.warmup + args.steps), "--eval-every", str(10**9), "--eval-batches", "1",
@@ -118,7 +118,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--sides", nargs="+", default=["ours", "ours-eager", "hf"])
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        default=["ours", "ours-eager", "hf"],
+        help="ours-1proc: compiled, one plain process instead of torchrun (no DDP wrapper)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the trainer's output")
     parser.add_argument("--hf-worker", nargs=2, metavar=("PRESET", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,7 +148,7 @@ def main() -> None:
                 output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 result = json.loads(output.strip().splitlines()[-1])
             else:
-                result = run_ours(args, preset, batch_size, compile=side == "ours")
+                result = run_ours(args, preset, batch_size, compile=side != "ours-eager", torchrun=side != "ours-1proc")
             flops = flops_per_token(ModelConfig.from_dict(result["model"]))
             mfu = result["tokens_per_second"] * flops / (peak * 1e12) if peak else float("nan")
             rows.append((preset, batch_size, side, result["tokens_per_second"], mfu))
