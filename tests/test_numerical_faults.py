@@ -91,3 +91,36 @@ def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp
     assert "the last good checkpoint is" in err and "step-000001" in err and "lower lr" in err
     assert [p.name for p in checkpoint.step_dirs(tmp_path / "run")] == ["step-000001"]
     assert [r["skipped_steps"] for r in train_records(tmp_path / "run")] == [0, 1, 2, 3]
+
+
+def test_a_training_step_reads_nothing_back_on_the_host(tmp_path, tokenizer_file, monkeypatch):
+    """On a GPU every read of a device value makes the host wait: the skip is decided on the device, and the
+    flags are read only at log steps. Counted here on a CPU, where such reads are the same Python calls."""
+    from gpt_tinystories import train as train_module
+
+    reads, inside = [], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            if inside:
+                reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    original_step = train_module.train_step
+
+    def step(*args):
+        inside.append(1)
+        try:
+            return original_step(*args)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    settings = {**TINY, "log_every": 100, "checkpoint_every": None}
+    config = TrainConfig(
+        **settings, data=str(sample("validation-first1000.txt")), tokenizer=tokenizer_file, max_steps=4
+    )
+    assert train(config, tmp_path / "run", progress=False).step == 4
+    assert reads == []

@@ -86,9 +86,15 @@ class Distributed:
         """True on every rank if it is true on one: ranks must stop at the same step."""
         if self.world_size == 1:
             return flag
-        tensor = torch.tensor([int(flag)], device=self.device)
+        return bool(self.any_on_device(torch.tensor(flag, device=self.device)).item())
+
+    def any_on_device(self, flag: torch.Tensor) -> torch.Tensor:
+        """A bool tensor, true on every rank if it is true on one; the host does not wait for it."""
+        if self.world_size == 1:
+            return flag
+        tensor = flag.to(torch.int32)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
+        return tensor.bool()
 
     def teardown(self) -> None:
         # A barrier before destroying the group: without it gloo sometimes aborts at exit (shared/pitfalls.md).

@@ -217,6 +217,7 @@ class TrainState:
     train_seconds: float = 0.0
     skipped: int = 0  # steps skipped for a non-finite loss or gradient: in all,
     bad_in_a_row: int = 0  # and the current streak
+    unsettled: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, skipped?) not read yet
     last_saved: int = -1  # the step of the newest checkpoint (resumed from or written), -1 for none
     last_eval: int = -1
     val_loss: float | None = None  # the last evaluation's figures
@@ -225,11 +226,23 @@ class TrainState:
     session_step: int = 0  # where this process started, for its tokens/s
     session_start: float = field(default_factory=time.perf_counter)
 
-    def advance(self, bad: bool, seconds: float) -> None:
-        """Count a finished step; one whose update was skipped still counts (its batch is used up)."""
+    def advance(self, bad: torch.Tensor, seconds: float) -> None:
+        """Count a finished step; one whose update was skipped still counts (its batch is used up). Whether it was
+        skipped stays on the device until `settle`: reading it every step would make the host wait for a GPU."""
         self.step += 1
-        self.skipped, self.bad_in_a_row = self.skipped + bad, self.bad_in_a_row + 1 if bad else 0
+        self.unsettled.append((self.step, bad))
         self.train_seconds += seconds
+
+    def settle(self) -> list[tuple[int, int]]:
+        """Read the skip flags of the steps since the last call; (step, skips in a row) for each skipped one."""
+        skipped = []
+        flags = torch.stack([bad for _, bad in self.unsettled]).tolist() if self.unsettled else []
+        for (step, _), bad in zip(self.unsettled, flags, strict=True):
+            self.skipped, self.bad_in_a_row = self.skipped + bad, self.bad_in_a_row + 1 if bad else 0
+            if bad:
+                skipped.append((step, self.bad_in_a_row))
+        self.unsettled.clear()
+        return skipped
 
 
 @dataclass
@@ -237,7 +250,7 @@ class StepResult:
     loss_sum: torch.Tensor  # summed over micro-steps, on this rank
     grad_norm: torch.Tensor
     lr: float
-    bad: bool  # a non-finite loss or gradient on some rank: the update was skipped
+    bad: torch.Tensor  # a non-finite loss or gradient on some rank: the update was skipped (bool, on the device)
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -385,10 +398,12 @@ def _loop(run: Run, state: TrainState, progress: bool) -> TrainResult:
                 result = train_step(run, state.step, lr)
                 state.advance(result.bad, time.perf_counter() - started)
                 bar.update()
-                _log_step(run, state, result, bar)
                 evaluating, checkpointing = _due(config, state.step)
+                _log_step(run, state, result, bar, settle=evaluating or checkpointing)
                 _report(run, state, evaluating, checkpointing and not state.bad_in_a_row)  # keep the last good newest
             # the final model is always evaluated (unless interrupted) and saved
+            if stop_error := _settle(run, state):
+                raise stop_error
             _report(run, state, stop.signum is None and state.last_eval != state.step, state.step != state.last_saved)
     if stop.signum is not None and world.is_main:
         print(f"stopped by signal {stop.signum} at step {state.step}; checkpoint saved; run the same command to resume")
@@ -421,14 +436,26 @@ def train_step(run: Run, step: int, lr: float) -> StepResult:
             (loss / run.accumulation).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     # A skipped step still counts (its batch is used up), so batches stay a pure function of (seed, step) and
     # a resumed run skips exactly the same steps.
-    bad = world.any(not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm.item())))
+    bad = world.any_on_device(~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)))
     for optimizer in run.optimizers:
-        if not bad:
-            optimizer.step()
+        _step_unless(optimizer, bad)
         optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, grad_norm, lr, bad)
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()` unless `skip`. Fused AdamW decides on the device, through the flag that GradScaler
+    hands it (the update is skipped and its step count undone); reading the flag on the host instead stalled an
+    H100 for ~8% of a 28M step (benchmarks/gpu_step_costs.py). Others read it, as does AdamW resumed from a run
+    that used it unfused (its groups keep the setting they were saved with)."""
+    if isinstance(optimizer, torch.optim.AdamW) and all(group["fused"] for group in optimizer.param_groups):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+        optimizer.step()
+    elif not skip.item():
+        optimizer.step()
 
 
 def _describe(run: Run, state: TrainState) -> str:
@@ -447,13 +474,13 @@ def _describe(run: Run, state: TrainState) -> str:
     )
 
 
-def _log_step(run: Run, state: TrainState, result: StepResult, bar: tqdm) -> None:
-    """Report a skipped update; every log_every steps a train record (a collective: every rank computes the mean
-    loss); stop the run when too many steps in a row were skipped."""
+def _log_step(run: Run, state: TrainState, result: StepResult, bar: tqdm, settle: bool) -> None:
+    """Every log_every steps (and when `settle`): the skipped updates since the last time, then a train record (a
+    collective: every rank computes the mean loss)."""
     config, step = run.config, state.step
-    if result.bad:
-        run.log.print(f"step {step}: non-finite loss or gradient, update skipped ({state.bad_in_a_row} in a row)")
-    if step % config.log_every == 0 or step == 1:
+    logging = step % config.log_every == 0 or step == 1
+    stop = _settle(run, state) if logging or settle else None
+    if logging:
         loss = run.world.mean(result.loss_sum).item() / run.accumulation
         speed = (step - state.session_step) * run.tokens_per_step / (time.perf_counter() - state.session_start)
         epoch = step * run.windows_per_step / len(run.train_windows)
@@ -464,14 +491,24 @@ def _log_step(run: Run, state: TrainState, result: StepResult, bar: tqdm) -> Non
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{speed:,.0f}")
         if bar.disable:
             run.log.print(f"step {step}: loss {loss:.4f}, lr {result.lr:.2e}, {speed:,.0f} tokens/s")
-    if state.bad_in_a_row >= config.max_bad_steps:
-        kept = run.checkpointer.root / f"step-{state.last_saved:06d}" if state.last_saved >= 0 else None
-        raise UserError(
-            f"training stopped at step {step}: {state.bad_in_a_row} steps in a row had a non-finite loss or "
-            f"gradient (max_bad_steps {config.max_bad_steps}); the last good checkpoint is "
-            f"{kept or 'none: none was written'}; lower lr or use precision fp32 and train again "
-            "(--init-from that checkpoint keeps its weights)"
-        )
+    if stop:
+        raise stop
+
+
+def _settle(run: Run, state: TrainState) -> UserError | None:
+    """Report each skipped update since the last call; the error that stops the run if too many in a row were."""
+    stop = None
+    for step, in_a_row in state.settle():
+        run.log.print(f"step {step}: non-finite loss or gradient, update skipped ({in_a_row} in a row)")
+        if in_a_row >= run.config.max_bad_steps and stop is None:
+            kept = run.checkpointer.root / f"step-{state.last_saved:06d}" if state.last_saved >= 0 else None
+            stop = UserError(
+                f"training stopped at step {step}: {in_a_row} steps in a row had a non-finite loss or "
+                f"gradient (max_bad_steps {run.config.max_bad_steps}); the last good checkpoint is "
+                f"{kept or 'none: none was written'}; lower lr or use precision fp32 and train again "
+                "(--init-from that checkpoint keeps its weights)"
+            )
+    return stop
 
 
 def _report(run: Run, state: TrainState, evaluating: bool, checkpointing: bool) -> None:
