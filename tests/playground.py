@@ -1,8 +1,10 @@
 """Shared by the playground's tests: a tiny random model saved as a checkpoint (random weights write
-reproducible nonsense, which is all these tests need)."""
+reproducible nonsense, which is all these tests need), and a wait for the server to be idle."""
 
+import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from gpt_tinystories import checkpoint
@@ -22,3 +24,14 @@ def save_tiny_checkpoint(directory: Path, tokenizer: Tokenizer) -> Path:
     return checkpoint.save(
         directory, GPT(config).state_dict(), meta, None, {TOKENIZER_FILE: tokenizer.backend.to_str()}
     )
+
+
+def wait_until_idle(url: str, timeout: float = 20.0) -> dict:
+    """The server's /health once its worker has nothing running or queued."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(url + "health").json()
+        if not health["busy"] and not health["queued"]:
+            return health
+        time.sleep(0.02)
+    raise AssertionError(f"the worker is still busy after {timeout} s: {health}")

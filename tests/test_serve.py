@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 import torch
-from playground import STEP, save_tiny_checkpoint
+from playground import STEP, save_tiny_checkpoint, wait_until_idle
 
 from gpt_tinystories import load, serve
 from gpt_tinystories.generate import Sampling, generate
@@ -45,16 +45,6 @@ def stream_events(response: httpx.Response):
             name = line.removeprefix("event: ")
         elif line.startswith("data: "):
             yield name, json.loads(line.removeprefix("data: ")), time.perf_counter()
-
-
-def wait_until_idle(url: str, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = httpx.get(url + "health").json()
-        if not health["busy"] and not health["queued"]:
-            return health
-        time.sleep(0.02)
-    raise AssertionError(f"the worker is still busy after {timeout} s: {health}")
 
 
 def test_health_and_model_info(url, teller):

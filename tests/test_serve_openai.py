@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from playground import save_tiny_checkpoint
+from playground import save_tiny_checkpoint, wait_until_idle
 
 from gpt_tinystories import load, serve
 
@@ -36,16 +36,6 @@ def url(teller):
 
 def client(url: str, key: str = "none") -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0, timeout=60)
-
-
-def idle(url: str, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = httpx.get(url + "health").json()
-        if not health["busy"]:
-            return health
-        time.sleep(0.02)
-    raise AssertionError(f"still busy after {timeout} s: {health}")
 
 
 def test_models_lists_the_one_model(url):
@@ -180,7 +170,7 @@ def test_over_capacity_answers_503_with_retry_after(teller):
                 client(url).completions.create(model="tiny", prompt="Hi", max_tokens=2)
             assert error.value.status_code == 503 and error.value.response.headers["retry-after"] == "1"
             assert error.value.body["code"] == "overloaded" and "busy" in error.value.body["message"]
-        assert idle(url)["cancelled"] == 2
+        assert wait_until_idle(url)["cancelled"] == 2
 
 
 def test_many_disconnects_under_load_never_stall_the_others(teller):
@@ -216,7 +206,7 @@ def test_many_disconnects_under_load_never_stall_the_others(teller):
         for thread in threads:
             thread.join(timeout=120)
         assert not errors and results == expected
-        after = idle(url)
+        after = wait_until_idle(url)
         assert time.monotonic() - started < 120
         # every request ended: the 3 that stayed completed; of those that left, a few stories end (EOS) first
         assert after["cancelled"] + after["completed"] == 27 and after["cancelled"] >= 20
@@ -263,7 +253,7 @@ def test_a_request_that_raises_in_the_engine_fails_alone(teller):
             assert "the engine broke on this request" in results[prompt].body["message"]
         for prompt in ("Tom", "Lily"):
             assert results[prompt].choices[0].text == teller.generate(prompt, 40, 1.0, seed=1)
-        health = idle(url)
+        health = wait_until_idle(url)
         assert health["failed"] == 2 and health["completed"] == 2
         assert client(url).completions.create(model="tiny", prompt="Again", max_tokens=3).choices  # still serving
 
