@@ -165,3 +165,24 @@ def test_train_cli_forcing_flex_where_it_cannot_train_exits_2_with_one_line_and_
         "use attention = auto, blocked or sdpa"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_cpu_attention_under_bf16_autocast_runs_in_fp32_and_returns_bf16(monkeypatch, documents):
+    """PyTorch's CPU kernels are slower in bf16 than in fp32 (benchmarks/attention_dtype.py), so bf16 autocast
+    must not reach them: autocast would cast fp32 inputs straight back down."""
+    functional = torch.nn.functional
+    original, seen = functional.scaled_dot_product_attention, []
+
+    def recording(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "scaled_dot_product_attention", recording)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    docs = document_ids(packed(2, 16), EOS) if documents else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = AttentionPlan("sdpa", docs)(q, k, v, None)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    expected = AttentionPlan("sdpa", docs)(q.float(), k.float(), v.float(), None)
+    torch.testing.assert_close(out, expected.bfloat16(), atol=0, rtol=0)

@@ -76,8 +76,15 @@ class AttentionPlan:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Attention of (batch, heads, time, head size) queries, keys and values."""
-        kernel = self.resolve(q, scale)
-        return self.run(kernel, q, k, v, scale)
+        dtype = q.dtype
+        if q.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+            return self.run(self.resolve(q, scale), q, k, v, scale)
+        # PyTorch's CPU attention kernels ran 1.15-1.3x slower in bf16 than in fp32, casts included (forward +
+        # backward, AMD Zen 4; benchmarks/attention_dtype.py), and no faster on a Zen 5: bf16 autocast pays in the
+        # matrix products around attention, not in it. Autocast would cast fp32 inputs back down: off here.
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = q.float(), k.float(), v.float()
+            return self.run(self.resolve(q, scale), q, k, v, scale).to(dtype)
 
     def run(self, kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         if kernel == "flex":
