@@ -175,3 +175,19 @@ def test_decoding_under_bf16_autocast_runs_as_training_samples_do(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (out,) = generate(model, [[5, 6, 7]], 6, Sampling(0.8, top_k=50), generator=torch.Generator().manual_seed(0))
     assert len(out) == 6
+
+
+def test_warm_up_runs_a_step_at_the_shape_it_will_be_called_with_after_eager_decoding(model):
+    """Eager steps read the cache only up to the furthest row; the compiled step reads all of it. A warm-up that
+    inherited an eager step's reach would compile (or record CUDA graphs for) a shape never used again."""
+    engine = Engine(model, max_batch=2)
+    engine.add([3, 4, 5], 4, GREEDY)
+    run(engine)
+    assert (engine.cache.span, engine.cache.masked) == (6, False)  # left by the last eager step
+    seen = []
+
+    def step(net, cache, tokens, positions):
+        seen.append((cache.span, cache.masked))
+
+    engine.warm_up(step)
+    assert set(seen) == {(CONFIG.context_length, True)}
