@@ -401,11 +401,11 @@ class Engine:
         """Run (and so compile) the decode step at every batch size it will use; the seconds it took. Only while
         no sequence runs, or on a scratch `cache` of the same shape."""
         step_fn, cache = step_fn or self._step_fn, cache or self.cache
+        cache.attend([cache.capacity - 1], whole=step_fn is not _decode_step)  # the shape it will be called with
         started = time.perf_counter()
         for size in self.batch_sizes:
             tokens = torch.zeros(size, 1, dtype=torch.long, device=self.device)
             positions = torch.full((size,), cache.capacity - 1, device=self.device)
-            cache.attend([cache.capacity - 1], whole=step_fn is not _decode_step)  # the shape it will be called with
             for _ in range(3):  # CUDA graphs are recorded on the second or third call
                 step_fn(self.model, cache, tokens, positions)
         _synchronize(self.device)
