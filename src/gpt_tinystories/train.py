@@ -449,7 +449,7 @@ def train_step(run: Run, step: int, lr: float) -> StepResult:
 def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """`optimizer.step()` unless `skip`. Fused AdamW decides on the device, through the flag that GradScaler
     hands it (the update is skipped and its step count undone); reading the flag on the host instead stalled an
-    H100 for ~8% of a 28M step (benchmarks/gpu_step_costs.py). Others read it, as does AdamW resumed from a run
+    H100 for 6-8% of a 28M step (benchmarks/gpu_step_costs.py). Others read it, as does AdamW resumed from a run
     that used it unfused (its groups keep the setting they were saved with)."""
     if isinstance(optimizer, torch.optim.AdamW) and all(group["fused"] for group in optimizer.param_groups):
         optimizer.grad_scale, optimizer.found_inf = None, skip.float()
