@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import sample
+from fault_injection.sitecustomize import RECORD_RATES_ENV
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
@@ -145,3 +146,24 @@ def test_a_crashed_rank_stops_the_job_and_the_rerun_loses_nothing(tmp_path, bpe)
     reference_weights = load_file(reference / final)
     for name, tensor in load_file(crashed / final).items():
         assert torch.equal(tensor, reference_weights[name]), name
+
+
+def test_ranks_share_one_clock_under_a_time_budget(tmp_path, bpe):
+    """Under --max-time the learning rate follows the clock, so every rank must read the same one, or the replicas'
+    weights drift apart. Rank 1 sleeps 50 ms after each step, outside its timed work (fault_injection's
+    RecordRates): the ranks' own clocks then differ by far more than jitter; the rates they use must not."""
+    tokenizer, rates = bpe.save(tmp_path / "tok"), tmp_path / "rates"
+    rates.mkdir()
+    flags = ["train", "--preset", "1M", "--data", sample("validation-first1000.txt"), "--tokenizer", tokenizer,
+             "--d-model", "32", "--n-layer", "2", "--n-head", "4", "--context-length", "64", "--batch-size", "4",
+             "--tokens-per-step", "512", "--max-time", "4s", "--warmup-steps", "0", "--eval-every", "1000",
+             "--eval-batches", "2", "--sample-tokens", "4", "--precision", "fp32"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", RECORD_RATES_ENV: str(rates)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "gpt_tinystories", *map(str, flags), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    zero, one = ((rates / f"rank-{rank}.txt").read_text().splitlines() for rank in (0, 1))
+    assert len(zero) > 5, zero  # steps of a cosine that follows the clock
+    assert len({line.split()[1] for line in zero}) == len(zero)
+    assert one == zero

@@ -82,11 +82,15 @@ class Distributed:
             tensor /= self.world_size
         return tensor
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on one: ranks must stop at the same step."""
+    def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
+        """The slowest rank's training clock, and whether any rank must stop. Ranks must share one clock: under a
+        time budget it sets the learning rate (replicas given different rates drift apart) and the last step."""
         if self.world_size == 1:
-            return flag
-        return bool(self.any_on_device(torch.tensor(flag, device=self.device)).item())
+            return seconds, stop
+        both = torch.tensor([seconds, float(stop)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        seconds, flag = both.tolist()
+        return seconds, bool(flag)
 
     def any_on_device(self, flag: torch.Tensor) -> torch.Tensor:
         """A bool tensor, true on every rank if it is true on one; the host does not wait for it."""

@@ -392,7 +392,10 @@ def _loop(run: Run, state: TrainState, progress: bool) -> TrainResult:
         state.session_step, state.session_start = state.step, time.perf_counter()
         with contextlib.closing(bar):
             run.model.train()
-            while not world.any(run.budget.done(state.step, state.train_seconds) or stop.signum is not None):
+            while True:
+                state.train_seconds, stopping = world.agree(state.train_seconds, stop.signum is not None)
+                if stopping or run.budget.done(state.step, state.train_seconds):
+                    break
                 started = time.perf_counter()
                 lr = learning_rate(config, state.step, run.budget.progress(state.step, state.train_seconds))
                 result = train_step(run, state.step, lr)

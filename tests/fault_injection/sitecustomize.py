@@ -9,13 +9,16 @@ the process SIGKILLs itself at STAGE of its N-th `checkpoint.save()`:
 - replace: the checkpoint being replaced was moved aside, the new one is not yet renamed into place.
 
 That is exactly where a crash would hurt most, and a real SIGKILL, not an exception: no cleanup code runs.
-Without the variable this file does nothing (and imports nothing).
+With GPT_TINYSTORIES_TEST_RECORD_RATES=FOLDER set, each rank of a training run records its learning rates
+there (`RecordRates`). Without the variables this file does nothing (and imports nothing).
 """
 
 import os
 import signal
+import time
 
 KILL_IN_SAVE_ENV = "GPT_TINYSTORIES_TEST_KILL_IN_SAVE"
+RECORD_RATES_ENV = "GPT_TINYSTORIES_TEST_RECORD_RATES"
 
 
 class KillInSave:
@@ -58,5 +61,33 @@ class KillInSave:
         return old
 
 
+class RecordRates:
+    """Each rank writes the learning rate of every step to FOLDER/rank-R.txt, and rank 1 sleeps 50 ms after each
+    step, outside the step's timing: the ranks' own clocks then differ by far more than jitter."""
+
+    def __init__(self, folder: str) -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.file = open(os.path.join(folder, f"rank-{self.rank}.txt"), "a")  # noqa: SIM115 (open for the process)
+
+    def install(self) -> None:
+        from gpt_tinystories import train
+
+        self.learning_rate, self.log_step = train.learning_rate, train._log_step
+        train.learning_rate, train._log_step = self.wrapped_learning_rate, self.wrapped_log_step
+
+    def wrapped_learning_rate(self, config, step, progress):
+        lr = self.learning_rate(config, step, progress)
+        self.file.write(f"{step} {lr!r}\n")
+        self.file.flush()
+        return lr
+
+    def wrapped_log_step(self, *args, **kwargs):
+        if self.rank == 1:
+            time.sleep(0.05)
+        return self.log_step(*args, **kwargs)
+
+
 if os.environ.get(KILL_IN_SAVE_ENV):
     KillInSave(os.environ[KILL_IN_SAVE_ENV]).install()
+if os.environ.get(RECORD_RATES_ENV):
+    RecordRates(os.environ[RECORD_RATES_ENV]).install()
