@@ -55,7 +55,9 @@ def worker(args: argparse.Namespace) -> dict:
             train(ours, Path(tmp) / "run", progress=False)
             lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
             records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
-            precision = json.loads((Path(tmp) / "run" / "config.json").read_text())["precision"]
+            resolved = json.loads((Path(tmp) / "run" / "config.json").read_text())
+        precision, attention = resolved["precision"], resolved["attention_precision"]
+        precision += f" (attention {attention})" if attention != precision else ""
         start, end = records[args.warmup - 1], records[-1]
         tokens_per_second = (end["tokens"] - start["tokens"]) / (end["seconds"] - start["seconds"])
         result = {"tokens_per_second": tokens_per_second, "precision": precision}

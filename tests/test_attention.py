@@ -169,8 +169,8 @@ def test_train_cli_forcing_flex_where_it_cannot_train_exits_2_with_one_line_and_
 
 @pytest.mark.parametrize("documents", [False, True])
 def test_cpu_attention_under_bf16_autocast_runs_in_fp32_and_returns_bf16(monkeypatch, documents):
-    """PyTorch's CPU kernels are slower in bf16 than in fp32 (benchmarks/attention_dtype.py), so bf16 autocast
-    must not reach them: autocast would cast fp32 inputs straight back down."""
+    """PyTorch's CPU kernels are mostly slower in bf16 than in fp32 (benchmarks/attention_dtype.py), so by default
+    bf16 autocast must not reach them: autocast would cast fp32 inputs straight back down."""
     functional = torch.nn.functional
     original, seen = functional.scaled_dot_product_attention, []
 
@@ -186,3 +186,7 @@ def test_cpu_attention_under_bf16_autocast_runs_in_fp32_and_returns_bf16(monkeyp
     assert seen == [torch.float32] and out.dtype == torch.bfloat16
     expected = AttentionPlan("sdpa", docs)(q.float(), k.float(), v.float(), None)
     torch.testing.assert_close(out, expected.bfloat16(), atol=0, rtol=0)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # where training measured bf16 faster (choose_precision)
+        AttentionPlan("sdpa", docs, cpu_fp32=False)(q, k, v, None)
+    assert seen == [torch.bfloat16]

@@ -20,8 +20,8 @@ def test_run_meta_round_trips_through_a_checkpoint_with_the_keys_meta_json_alway
     checkpoint.save(tmp_path / "c", {"w": torch.zeros(2)}, meta.to_json())
     raw = json.loads((tmp_path / "c" / "meta.json").read_text())
     assert list(raw) == ["format", "step", "tokens", "train_seconds", "skipped_steps", "bad_steps_in_a_row",
-                         "val_loss", "best_val_loss", "precision", "model_config", "train_config", "tokenizer",
-                         "files"]  # fmt: skip
+                         "val_loss", "best_val_loss", "precision", "attention_precision", "model_config",
+                         "train_config", "tokenizer", "files"]  # fmt: skip
     again = RunMeta.read(tmp_path / "c")
     assert again == RunMeta(**{**meta.__dict__, "files": raw["files"]})
     assert again.train_settings("here") == TrainConfig(preset="1M")
@@ -45,7 +45,7 @@ def test_bad_metadata_is_named(tmp_path):
 def test_the_checkpointer_keeps_the_best_and_prunes(tmp_path, bpe, gpt2):
     saver = Checkpointer(tmp_path, keep_last=2)
     assert saver.resume_point(TrainConfig(), required=False) is None
-    saver.start(TrainConfig(preset="1M"), CONFIG, "fp32", bpe, torch.device("cpu"))
+    saver.start(TrainConfig(preset="1M"), CONFIG, ("fp32", "fp32"), bpe, torch.device("cpu"))
     for step, val_loss in ((1, 3.0), (2, 2.0), (3, None), (4, 2.5)):
         progress = dict(step=step, tokens=step * 10, train_seconds=float(step), skipped_steps=0, bad_steps_in_a_row=0)
         saver.save({"w": torch.full((2,), float(step))}, {"state": {}}, val_loss, **progress)

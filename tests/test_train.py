@@ -68,6 +68,29 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, tokeniz
     )
 
 
+def test_a_bf16_run_resumes_with_the_attention_precision_it_measured(tmp_path, tokenizer_file, monkeypatch):
+    """Attention's precision under bf16 is measured when a run starts: a resumed run must reuse the recorded one,
+    not measure again (the other one rounds differently)."""
+    import shutil
+
+    from gpt_tinystories import train as train_module
+
+    config = tiny(tokenizer_file, precision="bf16", max_steps=8, dropout=0.0)  # dropout: math SDPA, fp32 inside
+    monkeypatch.setattr(train_module, "choose_precision", lambda *args: ("bf16", "bf16"))
+    train(config, tmp_path / "full", progress=False)
+    train(config, tmp_path / "resumed", progress=False)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000008")
+    monkeypatch.setattr(train_module, "choose_precision", lambda *args: ("bf16", "fp32"))
+    train(config, tmp_path / "resumed", resume=True, progress=False)
+    assert [r["loss"] for r in records(tmp_path / "resumed", "train")] == [
+        r["loss"] for r in records(tmp_path / "full", "train")
+    ]
+    meta = json.loads((tmp_path / "resumed" / "checkpoints" / "step-000008" / "meta.json").read_text())
+    resolved = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert (meta["precision"], meta["attention_precision"]) == ("bf16", "bf16")
+    assert (resolved["precision"], resolved["attention_precision"]) == ("bf16", "bf16")
+
+
 def test_the_run_dir_holds_everything_a_user_looks_for(tmp_path, tokenizer_file):
     result = train(tiny(tokenizer_file, max_steps=40, eval_every=10, dropout=0.0), tmp_path / "run", progress=False)
     run = tmp_path / "run"
@@ -171,10 +194,12 @@ def test_measuring_precision_leaves_no_trace():
     model = GPT(tiny("gpt2").model_config(100))
     batch = (torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (4, 64)))
     rng = torch.get_rng_state()
-    assert choose_precision("auto", torch.device("cpu"), model, batch) in ("bf16", "fp32")
+    assert choose_precision("auto", torch.device("cpu"), model, batch) in [("bf16", "bf16"), ("bf16", "fp32"),
+                                                                           ("fp32", "fp32")]  # fmt: skip
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in model.parameters())
-    assert choose_precision("fp32", torch.device("cpu"), model, batch) == "fp32"
+    assert all(p.grad is None for p in model.parameters()) and model.cpu_attention_fp32
+    assert choose_precision("bf16", torch.device("cpu"), model, batch) in [("bf16", "bf16"), ("bf16", "fp32")]
+    assert choose_precision("fp32", torch.device("cpu"), model, batch) == ("fp32", "fp32")
 
 
 def run_cli(*args, cwd=REPO, **kwargs):

@@ -66,10 +66,12 @@ def flex_problem(device: torch.device, training: bool) -> str | None:
 class AttentionPlan:
     """How every layer of one forward pass attends: the kernel, and the document structure computed once."""
 
-    def __init__(self, kernel: str, documents: torch.Tensor | None, dropout: float = 0.0) -> None:
+    def __init__(
+        self, kernel: str, documents: torch.Tensor | None, dropout: float = 0.0, cpu_fp32: bool = True
+    ) -> None:
         if kernel not in KERNELS:
             raise UserError(f"attention must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        self.kernel, self.documents, self.dropout = kernel, documents, dropout
+        self.kernel, self.documents, self.dropout, self.cpu_fp32 = kernel, documents, dropout, cpu_fp32
         self._mask: torch.Tensor | None = None
         self._lengths: list[list[int]] | None = None
         self._block_mask = None
@@ -77,11 +79,12 @@ class AttentionPlan:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Attention of (batch, heads, time, head size) queries, keys and values."""
         dtype = q.dtype
-        if q.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        if q.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or not self.cpu_fp32:
             return self.run(self.resolve(q, scale), q, k, v, scale)
-        # PyTorch's CPU attention kernels ran 1.15-1.3x slower in bf16 than in fp32, casts included (forward +
-        # backward, AMD Zen 4; benchmarks/attention_dtype.py), and no faster on a Zen 5: bf16 autocast pays in the
-        # matrix products around attention, not in it. Autocast would cast fp32 inputs back down: off here.
+        # PyTorch's CPU attention kernels mostly run slower in bf16 than in fp32, casts included (forward +
+        # backward, AMD Zen 4, benchmarks/attention_dtype.py: 1.1-1.3x at the recipes' shapes), but not always (1.4x
+        # faster in bf16 at 16 heads of 4 and context 512): training measures which (train.choose_precision).
+        # Autocast would cast fp32 inputs back down: off here.
         with torch.autocast("cpu", enabled=False):
             q, k, v = q.float(), k.float(), v.float()
             return self.run(self.resolve(q, scale), q, k, v, scale).to(dtype)

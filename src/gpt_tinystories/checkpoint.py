@@ -73,6 +73,7 @@ class RunMeta:
     val_loss: float | None = None
     best_val_loss: float | None = None
     precision: str | None = None  # the autocast precision the run measured and kept: fp32 | bf16
+    attention_precision: str | None = None  # what attention ran in under it (train.choose_precision)
     model_config: ModelConfig | None = None
     train_config: dict = field(default_factory=dict)
     tokenizer: TokenizerRef = TokenizerRef()
@@ -109,8 +110,15 @@ class RunMeta:
         return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
                 "skipped_steps": self.skipped_steps, "bad_steps_in_a_row": self.bad_steps_in_a_row,
                 "val_loss": self.val_loss, "best_val_loss": self.best_val_loss, "precision": self.precision,
+                "attention_precision": self.attention_precision,
                 "model_config": self.model_config.to_dict() if self.model_config else None,
                 "train_config": self.train_config, "tokenizer": asdict(self.tokenizer)}  # fmt: skip
+
+    @property
+    def precisions(self) -> tuple[str, str]:
+        """(precision, attention's) to resume with. Checkpoints from before attention's was measured ran it in
+        fp32 on a CPU (and on CUDA it follows autocast, which leaves the flag unread)."""
+        return self.precision, self.attention_precision or "fp32"
 
     def train_settings(self, source: str) -> TrainConfig:
         """The run's TrainConfig; `source` names the checkpoint in errors."""
@@ -373,10 +381,13 @@ class Checkpointer:
             torch.cuda.set_rng_state_all(state["cuda"])
         return state["optimizer"]
 
-    def start(self, config: TrainConfig, model_config: ModelConfig, precision: str, tokenizer: Tokenizer,
-              device: torch.device) -> None:  # fmt: skip
-        """What every checkpoint of the run records alike; each checkpoint folder carries the tokenizer too."""
-        self._run = RunMeta(precision=precision, model_config=model_config, train_config=config.to_dict(),
+    def start(self, config: TrainConfig, model_config: ModelConfig, precisions: tuple[str, str],
+              tokenizer: Tokenizer, device: torch.device) -> None:  # fmt: skip
+        """What every checkpoint of the run records alike; each checkpoint folder carries the tokenizer too.
+        `precisions`: the run's precision and its attention's (train.choose_precision)."""
+        precision, attention_precision = precisions
+        self._run = RunMeta(precision=precision, attention_precision=attention_precision,
+                            model_config=model_config, train_config=config.to_dict(),
                             tokenizer=TokenizerRef(tokenizer.name, tokenizer.hash))  # fmt: skip
         self._files = {TOKENIZER_FILE: tokenizer.backend.to_str()}  # each checkpoint folder is self-contained
         self._device = device

@@ -52,6 +52,7 @@ def load_run(path: str | os.PathLike) -> Run:
     settings = {k: v for k, v in config["train"].items() if k not in model_fields}
     settings |= {f"model:{k}": v for k, v in config["model"].items()}
     settings["precision (measured)"] = config.get("precision")
+    settings["attention precision (measured)"] = config.get("attention_precision")
     trains = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     run = Run(path.name, path, settings, model.num_parameters(), evals, trains[-1] if trains else None)

@@ -151,6 +151,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = None if config.tied_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Under bf16 on a CPU, whole-sequence attention runs in fp32 (usually faster there; training measures it)
+        self.cpu_attention_fp32 = True
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two residual branches, so shrink their output projections
         # by 1/sqrt(2 * n_layer) to keep the residual stream's variance independent of depth.
@@ -187,7 +189,8 @@ class GPT(nn.Module):
         plan = None
         if cache is None:  # a whole sequence: attention may skip what it masks, and stories may be kept apart
             documents = document_ids(idx, self.config.eos_id) if self.config.document_mask else None
-            plan = AttentionPlan(self.config.attention, documents, self.config.dropout if self.training else 0.0)
+            dropout = self.config.dropout if self.training else 0.0
+            plan = AttentionPlan(self.config.attention, documents, dropout, self.cpu_attention_fp32)
             if documents is not None:  # each story's positions count from its own start
                 positions = document_positions(idx, self.config.eos_id)
         x = self.wte(idx)

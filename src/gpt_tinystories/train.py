@@ -72,25 +72,34 @@ def _first_chars(stories: Iterator[str], limit: int) -> Iterator[str]:
             return
 
 
-def choose_precision(requested: str, device: torch.device, model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> str:
-    """bf16 autocast where it is faster: always on CUDA with bf16, measured on CPUs (it depends on AVX-512 BF16)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type != "cpu":
-        return "fp32"
+def choose_precision(requested: str, device: torch.device, model: GPT,
+                     batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[str, str]:  # fmt: skip
+    """(autocast precision, the precision attention runs in under it). bf16 autocast where it is faster: always on
+    CUDA with bf16, measured on CPUs (it depends on AVX-512 BF16). On a CPU, attention under bf16 then runs in
+    whichever of bf16 and fp32 measures faster at this shape (see attention.AttentionPlan)."""
+    if device.type != "cpu" or requested == "fp32":
+        if requested == "auto":
+            requested = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return requested, requested  # off a CPU, attention follows autocast
+    candidates = [("fp32", "fp32")] if requested == "auto" else []
+    candidates += [("bf16", "bf16"), ("bf16", "fp32")]
     inputs, targets = (t[:4].to(device) for t in batch)
     timings = {}
     with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift the run's RNG stream
-        for precision in ("fp32", "bf16", "fp32", "bf16"):  # the first of each is a warm-up
-            started = time.perf_counter()
-            with autocast_for(device, precision):
-                loss = model.loss(inputs, targets)
-            loss.backward()
-            timings[precision] = time.perf_counter() - started
+        for _ in range(2):  # the first round is a warm-up
+            for precision, attention in candidates:
+                model.cpu_attention_fp32 = attention == "fp32"
+                started = time.perf_counter()
+                with autocast_for(device, precision):
+                    loss = model.loss(inputs, targets)
+                loss.backward()
+                timings[precision, attention] = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
-    return "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
+    model.cpu_attention_fp32 = True
+    bf16 = min(candidates[-2:], key=timings.__getitem__)
+    if requested == "auto" and timings[bf16] >= 0.9 * timings["fp32", "fp32"]:
+        return "fp32", "fp32"
+    return bf16
 
 
 def make_optimizers(model: GPT, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -201,6 +210,7 @@ class Run:
     accumulation: int  # micro-steps per optimizer step
     windows_per_step: int  # over all ranks
     precision: str
+    attention_precision: str  # what attention runs in under `precision` (see choose_precision)
     autocast: contextlib.AbstractContextManager
     log: RunLog | _Silent
 
@@ -295,8 +305,9 @@ def _set_up(
     if meta is not None:  # where the checkpoint left off
         state = TrainState(step=meta.step, train_seconds=meta.train_seconds, skipped=meta.skipped_steps,
                            bad_in_a_row=meta.bad_steps_in_a_row, last_saved=meta.step)  # fmt: skip
-    model, precision, optimizer_state = _build_model(config, model_config, init_model, checkpointer, world,
-                                                     train_windows)  # fmt: skip
+    model, (precision, attention_precision), optimizer_state = _build_model(
+        config, model_config, init_model, checkpointer, world, train_windows
+    )
     if config.optimizer == "muon" and config.fsdp and world.distributed:
         raise UserError("--optimizer muon orthogonalises whole matrices, which FSDP shards; use DDP (drop --fsdp)")
     loss_fn = DataParallelLoss(model, world, fsdp=config.fsdp, compile=config.compile)  # shards under FSDP
@@ -304,11 +315,13 @@ def _set_up(
     if optimizer_state is not None:
         loss_fn.load_optimizer_state(optimizers, optimizer_state)
     eval_model = GPT(model_config).to(world.device) if loss_fn.fsdp and world.is_main else model
+    eval_model.cpu_attention_fp32 = model.cpu_attention_fp32
     autocast = autocast_for(world.device, precision)
     evaluator = Evaluator(val_windows, tokenizer, config.batch_size, config.eval_batches, world.device, autocast)
-    checkpointer.start(config, model_config, precision, tokenizer, world.device)
+    checkpointer.start(config, model_config, (precision, attention_precision), tokenizer, world.device)
     run = Run(config, run_dir, world, tokenizer, model, eval_model, loss_fn, optimizers, train_windows, evaluator,
-              checkpointer, budget, accumulation, windows_per_step, precision, autocast, _Silent())  # fmt: skip
+              checkpointer, budget, accumulation, windows_per_step, precision, attention_precision, autocast,
+              _Silent())  # fmt: skip
     if world.is_main:  # only now touch the run dir, and only from rank 0
         run.log = _start_run_dir(run, meta.step if meta else None)
     return run, state
@@ -357,17 +370,22 @@ def _accumulation(config: TrainConfig, world: Distributed, num_windows: int) -> 
 
 
 def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT | None, checkpointer: Checkpointer,
-                 world: Distributed, train_windows: TokenWindows) -> tuple[GPT, str, dict | None]:  # fmt: skip
-    """The model (initialised from the seed, then given the resumed or initial weights), its precision, and the
-    optimizer state to restore (None for a new run)."""
+                 world: Distributed, train_windows: TokenWindows,
+                 ) -> tuple[GPT, tuple[str, str], dict | None]:  # fmt: skip
+    """The model (initialised from the seed, then given the resumed or initial weights), its precision and its
+    attention's (see choose_precision), and the optimizer state to restore (None for a new run)."""
     torch.manual_seed(config.seed)
     model = GPT(model_config).to(world.device)
     if init_model is not None:
         model.load_state_dict(init_model.state_dict())
     if checkpointer.resumed is not None:
-        return model, checkpointer.resumed.precision, checkpointer.restore(model)
-    measured = choose_precision(config.precision, world.device, model, train_windows.batch(0, config.batch_size))
-    return model, world.broadcast(measured), None  # every rank must compute alike
+        precisions, optimizer_state = checkpointer.resumed.precisions, checkpointer.restore(model)
+    else:
+        batch = train_windows.batch(0, config.batch_size)
+        precisions = world.broadcast(choose_precision(config.precision, world.device, model, batch))
+        optimizer_state = None  # every rank must compute alike: rank 0's measurement
+    model.cpu_attention_fp32 = precisions[1] == "fp32"
+    return model, precisions, optimizer_state
 
 
 def _start_run_dir(run: Run, resume_step: int | None) -> RunLog:
@@ -376,7 +394,8 @@ def _start_run_dir(run: Run, resume_step: int | None) -> RunLog:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     run.tokenizer.save(run.run_dir)
     resolved = {"train": config.to_dict(), "model": run.model.config.to_dict(), "precision": run.precision,
-                "accumulation": run.accumulation, "tokens_per_step": run.tokens_per_step,
+                "attention_precision": run.attention_precision, "accumulation": run.accumulation,
+                "tokens_per_step": run.tokens_per_step,
                 "total_steps": run.budget.total_steps}  # fmt: skip
     atomic.write_json(run.run_dir / "config.json", resolved)
     return RunLog(run.run_dir, resume_step, config.to_dict() if config.wandb else None)
@@ -464,12 +483,13 @@ def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
 def _describe(run: Run, state: TrainState) -> str:
     config, model, evaluator = run.config, run.model, run.evaluator
     verb = "resuming from step" if run.checkpointer.resumed else "training from step"
+    attention = f" (attention {run.attention_precision})" if run.attention_precision != run.precision else ""
     scored, windows = evaluator.windows_scored, len(evaluator.windows)
     spread = " spread evenly (eval: all)" if scored < windows else ""
     return (
         f"{verb} {state.step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
         f"{model.num_parameters(True):,} non-embedding), tokenizer {run.tokenizer.name} "
-        f"({run.tokenizer.vocab_size}), {run.world.device} {run.precision}{run.loss_fn.describe()}, "
+        f"({run.tokenizer.vocab_size}), {run.world.device} {run.precision}{attention}{run.loss_fn.describe()}, "
         f"{run.tokens_per_step:,} tokens/step ({config.batch_size}x{config.context_length} x {run.accumulation} "
         f"accumulation), {len(run.train_windows):,} training windows, validation on {scored:,} of {windows:,} "
         f"windows{spread}, budget {run.budget.total_steps or '-'} steps"
