@@ -124,3 +124,19 @@ def test_a_training_step_reads_nothing_back_on_the_host(tmp_path, tokenizer_file
     )
     assert train(config, tmp_path / "run", progress=False).step == 4
     assert reads == []
+
+
+def test_bad_steps_stop_the_run_soon_even_between_distant_log_steps(tmp_path, tokenizer_file, monkeypatch):
+    """The skip flags wait on the device until read, but never longer than max_bad_steps steps: a run that logs
+    rarely still stops soon after the streak, and the flags it holds stay few."""
+    from gpt_tinystories import train as train_module
+    from gpt_tinystories.errors import UserError
+
+    steps, original_step = [], train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda *args: steps.append(1) or original_step(*args))
+    settings = {**TINY, "log_every": 1000, "eval_every": 1000, "checkpoint_every": None, "lr": 1e30}
+    config = TrainConfig(**settings, data=str(sample("validation-first1000.txt")), tokenizer=tokenizer_file,
+                         max_steps=50, max_bad_steps=3)  # fmt: skip
+    with pytest.raises(UserError, match="training stopped at step 4: 3 steps in a row"):
+        train(config, tmp_path / "run", progress=False)
+    assert len(steps) <= 6  # read every 3 steps: the streak (steps 2-4) is seen at step 6 at the latest

@@ -498,10 +498,12 @@ def _describe(run: Run, state: TrainState) -> str:
 
 
 def _log_step(run: Run, state: TrainState, result: StepResult, bar: tqdm, settle: bool) -> None:
-    """Every log_every steps (and when `settle`): the skipped updates since the last time, then a train record (a
-    collective: every rank computes the mean loss)."""
+    """Every log_every steps (and when `settle`, or when max_bad_steps flags wait unread: a streak must stop the
+    run soon, however rarely it logs): the skipped updates since the last time, then a train record (a collective:
+    every rank computes the mean loss)."""
     config, step = run.config, state.step
     logging = step % config.log_every == 0 or step == 1
+    settle = settle or len(state.unsettled) >= config.max_bad_steps
     stop = _settle(run, state) if logging or settle else None
     if logging:
         loss = run.world.mean(result.loss_sum).item() / run.accumulation
