@@ -1,7 +1,7 @@
 """Training throughput: our trainer against Hugging Face transformers' GPT2LMHeadModel, side by side.
 
     python benchmarks/train_throughput.py [--preset 8M] [--tokenizer bpe-4096|gpt2] [--batch-size 8]
-        [--document-mask] [--attention auto|sdpa|blocked|flex] [--compile]
+        [--document-mask] [--attention auto|sdpa|blocked|flex] [--compile] [--precision auto|bf16|fp32]
 
 Both train the same model shape on the same batches of the shared TinyStories sample, one after the other in
 fresh processes (so neither shares cores or allocator state with the other):
@@ -48,7 +48,8 @@ def worker(args: argparse.Namespace) -> dict:
                          tokens_per_step=args.batch_size * args.context, max_steps=steps, eval_every=10**9,
                          eval_batches=1, sample_tokens=1, log_every=1, device=args.device, warmup_steps=2)  # fmt: skip
     if args.worker in ("ours", "ours-doc"):
-        extra = {"attention": args.attention, "document_mask": args.worker == "ours-doc", "compile": args.compile}
+        extra = {"attention": args.attention, "document_mask": args.worker == "ours-doc", "compile": args.compile,
+                 "precision": args.precision}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer_file = str(tokenizer.save(tmp))
             ours = TrainConfig(**{**config.to_dict(), "tokenizer": tokenizer_file, **extra})
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="our attention kernel (auto measures)")
     parser.add_argument("--document-mask", action="store_true", help="also time ours with document masking")
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile (compiles in warm-up)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="ours (auto measures); fp32 times the path a CPU without native bf16 takes")  # fmt: skip
     parser.add_argument("--worker", choices=["ours", "ours-doc", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
