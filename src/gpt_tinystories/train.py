@@ -381,9 +381,9 @@ def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT
     if checkpointer.resumed is not None:
         precisions, optimizer_state = checkpointer.resumed.precisions, checkpointer.restore(model)
     else:
-        batch = train_windows.batch(0, config.batch_size)
+        batch = train_windows.batch(0, config.batch_size)  # every rank must compute alike: rank 0's measurement
         precisions = world.broadcast(choose_precision(config.precision, world.device, model, batch))
-        optimizer_state = None  # every rank must compute alike: rank 0's measurement
+        optimizer_state = None
     model.cpu_attention_fp32 = precisions[1] == "fp32"
     return model, precisions, optimizer_state
 
