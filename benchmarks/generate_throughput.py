@@ -12,9 +12,9 @@ batch, outside the timing (the compiled step's compile time is printed beside th
 Runners are a list of named setups (RUNNERS below): add a row source by appending one. On CUDA the compiled
 step runs as CUDA graphs (torch.compile mode reduce-overhead).
 
-On the CPU, the same weights also run as int8 (`--dtype int8`), in llama.cpp (GGUF f32 and q8_0, via
-llama-cpp-python, as many threads as torch) and in onnxruntime (the ONNX export, a greedy loop over its KV cache);
-a runtime that is not installed, or not for this device, says so in its cell.
+On the CPU, the same weights also run as int8 (`--dtype int8`), as fp16 (`--dtype fp16`, compiled step), in
+llama.cpp (GGUF f32 and q8_0, via llama-cpp-python, as many threads as torch) and in onnxruntime (the ONNX export,
+a greedy loop over its KV cache); a runtime that is not installed, or not for this device, says so in its cell.
 """
 
 from __future__ import annotations
@@ -194,6 +194,13 @@ def int8_runner(setup: Setup) -> Decode:
     return engine_runner(compile=False)(replace(setup, model=quantize_int8(setup.model)))
 
 
+def fp16_runner(setup: Setup) -> Decode:
+    from gpt_tinystories.quantize import half_weights
+
+    _cpu_only(setup)
+    return engine_runner(compile=True)(replace(setup, model=half_weights(setup.model)))
+
+
 def llama_cpp_runner(outtype: str) -> Callable[[Setup], Decode]:
     def setup(setup: Setup) -> Decode:
         _cpu_only(setup)
@@ -216,6 +223,7 @@ RUNNERS = [
     Runner("ours eager", engine_runner(compile=False)),
     Runner("ours compiled", engine_runner(compile=True)),
     Runner("ours int8", int8_runner),
+    Runner("ours fp16 compiled", fp16_runner),
     Runner("llama.cpp f32", llama_cpp_runner("f32")),
     Runner("llama.cpp q8_0", llama_cpp_runner("q8_0")),
     Runner("onnxruntime", onnxruntime_runner),
@@ -264,6 +272,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="our model's dtype (HF: fp32)")
     parser.add_argument("--runners", nargs="+", help=f"a subset of: {', '.join(r.name for r in RUNNERS)}")
     args = parser.parse_args()
+    # One process compiles the decode step for every runner's model at every batch size (a server: one model):
+    # past Dynamo's default of 8 graphs per function, later runners would silently run eager.
+    torch._dynamo.config.recompile_limit = 64
     device = pick_device(args.device)
     runners = [r for r in RUNNERS if not args.runners or r.name in args.runners or r.baseline]
     cpu = platform.processor() or platform.machine()

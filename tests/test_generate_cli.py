@@ -108,5 +108,5 @@ def test_bf16_weights_for_faster_decoding(run_dir):
     teller = load(run_dir, dtype="bf16")
     assert teller.model.wte.weight.dtype == torch.bfloat16
     assert isinstance(teller.generate("Once", max_new_tokens=5, seed=0), str)
-    with pytest.raises(UserError, match="dtype must be one of fp32, bf16, int8"):
+    with pytest.raises(UserError, match="dtype must be one of fp32, bf16, fp16, int8"):
         load(run_dir, dtype="fp8")

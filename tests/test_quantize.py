@@ -1,4 +1,4 @@
-"""--dtype int8: int8 Linear layers on the CPU, close to fp32 on a (tiny) trained model."""
+"""--dtype int8 and fp16: int8 Linear layers or fp16 weights on the CPU, close to fp32 on a (tiny) trained model."""
 
 import os
 import subprocess
@@ -12,10 +12,11 @@ from gpt_tinystories import load
 from gpt_tinystories.checkpoint import load_model
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.data import TokenWindows, prepare
+from gpt_tinystories.engine import Engine
 from gpt_tinystories.errors import UserError
 from gpt_tinystories.evaluate import evaluate
 from gpt_tinystories.generate import Sampling, generate
-from gpt_tinystories.quantize import apply_dtype, quantize_int8
+from gpt_tinystories.quantize import HalfLinear, apply_dtype, half_weights, quantize_int8
 from gpt_tinystories.serve import model_info
 from gpt_tinystories.train import train
 
@@ -72,5 +73,43 @@ def test_int8_without_kernels_is_refused_in_one_line(trained):
     model = load_model(trained)[0].to("meta")
     with pytest.raises(UserError, match=r"^--dtype int8 runs on the CPU only .* --device cpu$"):
         apply_dtype(model, "int8")
-    with pytest.raises(UserError, match="dtype must be one of fp32, bf16, int8"):
+    with pytest.raises(UserError, match=r"^--dtype fp16 is for decoding on a CPU; on meta use --dtype bf16"):
+        apply_dtype(model, "fp16")
+    with pytest.raises(UserError, match="dtype must be one of fp32, bf16, fp16, int8"):
         apply_dtype(model, "int4")
+
+
+def test_fp16_weights_score_and_decode_as_fp32_does(trained):
+    model, tokenizer, _ = load_model(trained)
+    half = half_weights(model)
+    assert sum(isinstance(m, HalfLinear) for m in half.modules()) == 4 * model.config.n_layer + 1  # + the head
+    assert half.blocks[0].attn.qkv.half_weight.dtype == torch.float16 and half.wte.weight.dtype == torch.float32
+    assert isinstance(model.blocks[0].attn.qkv, torch.nn.Linear) and model.lm_head is None  # left as it was
+    prepared = prepare(sample("validation-first1000.txt"), tokenizer, progress=False)
+    windows = TokenWindows(prepared.tokens(), 64, seed=None, name="validation")
+    token_bytes = torch.tensor(tokenizer.token_bytes())
+    fp32 = evaluate(model, windows, token_bytes, batch_size=16, max_batches=8)
+    fp16 = evaluate(half, windows, token_bytes, batch_size=16, max_batches=8)
+    assert fp32.bits_per_byte < 3.0  # it learned something: the comparison means something
+    assert abs(fp16.bits_per_byte / fp32.bits_per_byte - 1) < 1e-3, (fp32.bits_per_byte, fp16.bits_per_byte)
+    prompt = [tokenizer.eos_id, *tokenizer.encode("Once upon a time")]
+    with torch.no_grad():  # one row at a time: the fp16 kernel, not the fp32 one of several rows
+        step = half(torch.tensor([prompt[:1]]))[0, -1]
+        reference = model(torch.tensor([prompt[:1]]))[0, -1]
+    assert 0 < (step - reference).abs().max() < 0.01 * reference.abs().max()
+    ours, theirs = (generate(m, [prompt], 20, Sampling(temperature=0))[0] for m in (half, model))
+    assert ours == theirs
+
+
+def test_fp16_weights_through_the_compiled_decode_step(trained):
+    half = load(str(trained), "cpu", "fp16")
+    assert model_info(half)["dtype"] == "fp16"
+    prompt = [half.tokenizer.eos_id, *half.tokenizer.encode("Once upon a time")]
+    tokens = []
+    for compile in (False, True):
+        engine = Engine(half.model, 1, capacity=64, compile=compile)
+        sequence = engine.add(prompt, 16, Sampling(temperature=0))
+        while engine.busy:
+            engine.step()
+        tokens.append(sequence.generated)
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 16

@@ -209,7 +209,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Next-token logits (batch, time, vocab)."""
-        return F.linear(self.hidden_states(idx, cache), self.head_weight)
+        hidden = self.hidden_states(idx, cache)
+        return F.linear(hidden, self.wte.weight) if self.lm_head is None else self.lm_head(hidden)
 
     def new_cache(self, batch_size: int, capacity: int, pad: torch.Tensor | None = None) -> KVCache:
         weight = self.wte.weight
