@@ -82,7 +82,7 @@ class HalfLinear(nn.Module):
         return self.half_weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 1:
+        if x.shape[:-1].numel() == 1:  # inputs come from a norm, attention or GELU: well inside fp16's range
             y = F.linear(x.half(), self.half_weight).to(x.dtype)
         else:
             y = F.linear(x, self.half_weight.to(x.dtype))
