@@ -32,6 +32,16 @@ def trained(tmp_path_factory, bpe):
     return root / "run"
 
 
+def scored(tokenizer, *models):
+    """The validation windows, and each model's bits per byte on them."""
+    prepared = prepare(sample("validation-first1000.txt"), tokenizer, progress=False)
+    windows = TokenWindows(prepared.tokens(), 64, seed=None, name="validation")
+    token_bytes = torch.tensor(tokenizer.token_bytes())
+    figures = [evaluate(m, windows, token_bytes, batch_size=16, max_batches=8).bits_per_byte for m in models]
+    assert figures[0] < 3.0  # it learned something: the comparison means something
+    return windows, figures
+
+
 def test_int8_loss_and_logits_stay_close_to_fp32(trained):
     model, tokenizer, _ = load_model(trained)
     int8 = quantize_int8(model)
@@ -40,13 +50,8 @@ def test_int8_loss_and_logits_stay_close_to_fp32(trained):
     assert sum(isinstance(m, int8_linear) for m in int8.blocks.modules()) == 4 * model.config.n_layer
     assert int8.blocks[0].attn.qkv.weight().dtype == torch.qint8
     assert isinstance(model.blocks[0].attn.qkv, torch.nn.Linear)  # the fp32 model is left as it was
-    prepared = prepare(sample("validation-first1000.txt"), tokenizer, progress=False)
-    windows = TokenWindows(prepared.tokens(), 64, seed=None, name="validation")
-    token_bytes = torch.tensor(tokenizer.token_bytes())
-    fp32 = evaluate(model, windows, token_bytes, batch_size=16, max_batches=8)
-    quantized = evaluate(int8, windows, token_bytes, batch_size=16, max_batches=8)
-    assert fp32.bits_per_byte < 3.0  # it learned something: the comparison means something
-    assert abs(quantized.bits_per_byte / fp32.bits_per_byte - 1) < 0.01, (fp32.bits_per_byte, quantized.bits_per_byte)
+    windows, (fp32, quantized) = scored(tokenizer, model, int8)
+    assert abs(quantized / fp32 - 1) < 0.01, (fp32, quantized)
     inputs, _ = windows.batch(0, 4, torch.device("cpu"))
     with torch.no_grad():
         reference, ours = model(inputs), int8(inputs)
@@ -85,13 +90,8 @@ def test_fp16_weights_score_and_decode_as_fp32_does(trained):
     assert sum(isinstance(m, HalfLinear) for m in half.modules()) == 4 * model.config.n_layer + 1  # + the head
     assert half.blocks[0].attn.qkv.half_weight.dtype == torch.float16 and half.wte.weight.dtype == torch.float32
     assert isinstance(model.blocks[0].attn.qkv, torch.nn.Linear) and model.lm_head is None  # left as it was
-    prepared = prepare(sample("validation-first1000.txt"), tokenizer, progress=False)
-    windows = TokenWindows(prepared.tokens(), 64, seed=None, name="validation")
-    token_bytes = torch.tensor(tokenizer.token_bytes())
-    fp32 = evaluate(model, windows, token_bytes, batch_size=16, max_batches=8)
-    fp16 = evaluate(half, windows, token_bytes, batch_size=16, max_batches=8)
-    assert fp32.bits_per_byte < 3.0  # it learned something: the comparison means something
-    assert abs(fp16.bits_per_byte / fp32.bits_per_byte - 1) < 1e-3, (fp32.bits_per_byte, fp16.bits_per_byte)
+    _, (fp32, fp16) = scored(tokenizer, model, half)
+    assert abs(fp16 / fp32 - 1) < 1e-3, (fp32, fp16)
     prompt = [tokenizer.eos_id, *tokenizer.encode("Once upon a time")]
     with torch.no_grad():  # one row at a time: the fp16 kernel, not the fp32 one of several rows
         step = half(torch.tensor([prompt[:1]]))[0, -1]
