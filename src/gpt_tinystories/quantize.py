@@ -62,9 +62,10 @@ def apply_dtype(model: GPT, dtype: str) -> GPT:
 def weights_dtype(model: GPT) -> str:
     """int8 or fp16 for a model from quantize_int8 or half_weights (their embeddings stay fp32), else its weights'
     dtype."""
-    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules()):
+    modules = list(model.modules())
+    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in modules):
         return "int8"
-    if isinstance(model.lm_head, HalfLinear):
+    if any(isinstance(m, HalfLinear) for m in modules):
         return "fp16"
     return str(model.wte.weight.dtype).removeprefix("torch.")
 
