@@ -82,6 +82,7 @@ CASES = [
     # generate
     (["generate", "--checkpoint", "{root}/newer-ckpt"], "upgrade gpt-tinystories", SUB),
     (["generate", "--checkpoint", "{root}/run", "--device", "cuda"], "use --device cpu", None),
+    (["generate", "--checkpoint", "{root}/run", "--device", "meta"], "unknown device 'meta'", None),
     (["generate", "--checkpoint", "{root}/other-tokenizer-ckpt"], "is not the tokenizer this checkpoint", None),
     (["generate", "--checkpoint", "{root}/damaged-run"], "every checkpoint in", None),
     (["generate", "--checkpoint", "{root}/truncated-meta-ckpt"], "metadata", None),

@@ -23,9 +23,12 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available on this machine; use --device cpu (or auto)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # e.g. meta: no data to compute with
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def keep_freed_memory() -> None:
