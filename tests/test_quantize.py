@@ -63,7 +63,9 @@ def test_int8_through_load_generate_and_eval(trained):
     teller = load(str(trained), "cpu", "int8")
     assert isinstance(teller.model.blocks[0].mlp.up, torch.ao.nn.quantized.dynamic.Linear)
     fp32 = load(str(trained), "cpu", "fp32")
-    assert (model_info(teller)["dtype"], model_info(fp32)["dtype"]) == ("int8", "float32")  # what /api/model says
+    int8_info, fp32_info = model_info(teller), model_info(fp32)  # what /api/model says
+    assert (int8_info["dtype"], fp32_info["dtype"]) == ("int8", "float32")
+    assert int8_info["parameters"] == fp32_info["parameters"] == sum(p.numel() for p in fp32.model.parameters())
     prompt = [teller.tokenizer.eos_id, *teller.tokenizer.encode("Once upon a time")]
     ours, reference = (generate(t.model, [prompt], 12, Sampling(temperature=0))[0] for t in (teller, fp32))
     assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 9
@@ -103,7 +105,8 @@ def test_fp16_weights_score_and_decode_as_fp32_does(trained):
 
 def test_fp16_weights_through_the_compiled_decode_step(trained):
     half = load(str(trained), "cpu", "fp16")
-    assert model_info(half)["dtype"] == "fp16"
+    info = model_info(half)
+    assert info["dtype"] == "fp16" and info["parameters"] == load(str(trained), "cpu", "fp32").model.num_parameters()
     prompt = [half.tokenizer.eos_id, *half.tokenizer.encode("Once upon a time")]
     tokens = []
     for compile in (False, True):

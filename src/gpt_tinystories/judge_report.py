@@ -52,7 +52,7 @@ def build_report(completions, records, grades, config, prompts_name, teller, ind
     report = {
         "format": FORMAT_VERSION,
         "model": teller.source,
-        "parameters": teller.model.num_parameters(),
+        "parameters": teller.model.config.num_parameters(),  # int8/fp16 matrices are buffers
         "tokenizer": teller.tokenizer.name,
         "prompts": {
             "source": prompts_name,

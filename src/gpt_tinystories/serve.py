@@ -372,7 +372,7 @@ def model_info(teller: Storyteller) -> dict[str, Any]:
         "source": teller.source,
         "preset": preset,  # None: a shape of its own
         "trained_as": meta.train_config.get("preset"),
-        "parameters": model.num_parameters(),
+        "parameters": config.num_parameters(),  # from the shapes: int8 and fp16 matrices are buffers
         "config": config.to_dict(),
         "dtype": weights_dtype(model),
         "device": str(model.wte.weight.device),
