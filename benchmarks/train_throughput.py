@@ -11,6 +11,11 @@ fresh processes (so neither shares cores or allocator state with the other):
   labels=...).loss; backward; AdamW step`) in fp32, as a user of transformers would write it.
 - ours with --document-mask as a third side: attention kept within each story (a different model, so
   named apart; the first two compute the same thing).
+- a ceiling: the step's matrix products (forward and both backward products of every linear layer and the LM
+  head, at the batch's token count) and its attention calls (SDPA forward + backward, every layer), timed alone
+  in the precisions ours used, with nothing else. Both trainers run at least these kernels, so tokens over
+  their time bounds any trainer built on PyTorch's kernels, and the ceiling over transformers' figure bounds
+  the speed-up a faster trainer (rather than fewer operations or faster kernels) could show.
 Peak memory is the peak resident set of each process (CPU) or peak allocated CUDA memory. The header names
 the CPU, its vector flags (bf16 autocast pays only with native bf16) and the load average before and after:
 a load above the core count means other processes shared the cores, and the figures are contended.
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SAMPLE = Path(os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories"))
@@ -47,6 +53,8 @@ def worker(args: argparse.Namespace) -> dict:
     config = TrainConfig(preset=args.preset, data=data, batch_size=args.batch_size, context_length=args.context,
                          tokens_per_step=args.batch_size * args.context, max_steps=steps, eval_every=10**9,
                          eval_batches=1, sample_tokens=1, log_every=1, device=args.device, warmup_steps=2)  # fmt: skip
+    if args.worker == "ceiling":
+        return ceiling(args, config.resolved().model_config(tokenizer.vocab_size), device)
     if args.worker in ("ours", "ours-doc"):
         extra = {"attention": args.attention, "document_mask": args.worker == "ours-doc", "compile": args.compile,
                  "precision": args.precision}  # fmt: skip
@@ -61,7 +69,8 @@ def worker(args: argparse.Namespace) -> dict:
         precision += f" (attention {attention})" if attention != precision else ""
         start, end = records[args.warmup - 1], records[-1]
         tokens_per_second = (end["tokens"] - start["tokens"]) / (end["seconds"] - start["seconds"])
-        result = {"tokens_per_second": tokens_per_second, "precision": precision}
+        result = {"tokens_per_second": tokens_per_second, "precision": precision,
+                  "precisions": f"{resolved['precision']},{attention}"}  # fmt: skip
     else:
         import transformers
 
@@ -94,6 +103,56 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def ceiling(args: argparse.Namespace, model_config, device) -> dict:  # noqa: ANN001 (ModelConfig, device)
+    """The time of the step's matrix products and attention calls alone (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpt_tinystories.model import GPT
+    from gpt_tinystories.runtime import keep_freed_memory
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    matmul_dtype, attention_dtype = (dtypes[p] for p in args.ceiling_precisions.split(","))
+    model = GPT(model_config)
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if model.lm_head is None:
+        shapes.append((model_config.d_model, model_config.vocab_size))  # tied: the embedding matrix
+    rows = args.batch_size * args.context
+    products = []
+    for fan_in, fan_out in shapes:  # forward x @ w.T; backward dy @ w (inputs) and dy.T @ x (weights)
+        x, dy = (torch.randn(rows, n, device=device, dtype=matmul_dtype) for n in (fan_in, fan_out))
+        w = torch.randn(fan_out, fan_in, device=device, dtype=matmul_dtype)
+        products += [(x, w.T), (dy, w), (dy.T, x)]
+    layers, heads, head_size = model_config.n_layer, model_config.n_head, model_config.d_model // model_config.n_head
+    q, k, v = (torch.randn(args.batch_size, heads, args.context, head_size, device=device, dtype=attention_dtype,
+                           requires_grad=True) for _ in range(3))  # fmt: skip
+
+    def timed(run: Callable[[], None]) -> float:
+        """Median seconds of run() after warm-up."""
+        times = []
+        for _ in range(args.warmup + args.steps):
+            started = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return sorted(times[args.warmup :])[args.steps // 2]
+
+    def matmuls() -> None:
+        for a, b in products:
+            a @ b  # each result freed at once, as in training, so the allocator hands its memory back warm
+
+    def attention() -> None:
+        for _ in range(layers):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    keep_freed_memory()  # as train() does
+    matmul_seconds, attention_seconds = timed(matmuls), timed(attention)
+    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in products)
+    return {"tokens_per_second": rows / (matmul_seconds + attention_seconds), "matmul_seconds": matmul_seconds,
+            "attention_seconds": attention_seconds, "matmul_gflops": flops / matmul_seconds / 1e9}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="8M")
@@ -109,7 +168,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="ours with torch.compile (compiles in warm-up)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="ours (auto measures); fp32 times the path a CPU without native bf16 takes")  # fmt: skip
-    parser.add_argument("--worker", choices=["ours", "ours-doc", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "ours-doc", "hf", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-precisions", default="fp32,fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -123,10 +183,13 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     print(f"preset {args.preset}, tokenizer {args.tokenizer}, batch {args.batch_size}x{args.context}, "
           f"{args.steps} timed steps after {args.warmup} warm-up steps")  # fmt: skip
-    runs: dict[str, list[dict]] = {"hf": [], "ours": [], **({"ours-doc": []} if args.document_mask else {})}
-    for _ in range(args.rounds):  # alternate, so drifting machine load hits both sides alike
-        for side in runs:
+    sides = ["hf", "ours", *(["ours-doc"] if args.document_mask else []), "ceiling"]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(args.rounds):  # alternate, so drifting machine load (and memory bandwidth) hits all alike
+        for side in sides:
             command = [sys.executable, __file__, *sys.argv[1:], "--worker", side]
+            if side == "ceiling":  # the precisions ours chose in this round
+                command += ["--ceiling-precisions", runs["ours"][-1]["precisions"]]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[side].append(json.loads(output.strip().splitlines()[-1]))
     medians = {}
@@ -141,6 +204,14 @@ def main() -> None:
             f"{name:<30} {medians[side]:>8,.0f} tokens/s (runs: {', '.join(f'{s:,.0f}' for s in speeds)})  "
             f"{runs[side][0]['precision']}  peak memory {memory:,.0f} MB"
         )
+    bound = sorted(runs["ceiling"], key=lambda r: r["tokens_per_second"])[args.rounds // 2]
+    matmul, attention = runs["ours"][0]["precisions"].split(",")
+    print(
+        f"{'ceiling: the kernels alone':<30} {bound['tokens_per_second']:>8,.0f} tokens/s: matrix products "
+        f"({matmul}) {bound['matmul_seconds']:.2f} s per batch at {bound['matmul_gflops']:,.0f} GFLOP/s + attention "
+        f"({attention}) {bound['attention_seconds']:.2f} s; ours at {medians['ours'] / bound['tokens_per_second']:.0%}"
+        f" of it; at most {bound['tokens_per_second'] / medians['hf']:.2f}x transformers with these kernels"
+    )
     print(
         f"speed-up (median over median): {medians['ours'] / medians['hf']:.2f}x"
         + (f"; with document mask {medians['ours-doc'] / medians['hf']:.2f}x" if args.document_mask else "")
