@@ -13,10 +13,10 @@ Phase 2 trains on `train-head.txt` less its last 10% of stories, and scores each
 10% (bits per byte over all its windows); `validation-first1000.txt` is kept for the chosen recipe's final
 figure only. Runs use fp32, as a CPU without native bf16 does. Tokenizers (bpe-2048/4096/8192) are trained
 once, on the training part, before any run starts. RESULTS_DIR gets `report.md` (arms ranked by the mean of
-their seeds, with each seed's figure and the spread) and `results.json`; the run dirs go to `--work`. No run
-starts or goes on past `--time-limit` seconds (default 215): arms' first seeds run before any second seed. Runs
-that finished in `--work` before are read, not run again: a cut study goes on where it stopped, more seeds or
-arms join the same report, and `--time-limit 0` reports what is there.
+their seeds, with each seed's figure and the spread) and `results.json`; the run dirs go to `--work`, each
+run's stderr beside its dir. No run starts or goes on past `--time-limit` seconds (default 215): arms' first
+seeds run before any second seed. Runs that finished in `--work` before are read, not run again: a cut study
+goes on where it stopped, more seeds or arms join the same report, and `--time-limit 0` reports what is there.
 
 Budgets: phase 1 times each arm alternately with the base arm (the quick start) and records its speed as a
 ratio to base's, which a shared machine's drifting load leaves alone better than absolute figures. Phase 2
@@ -53,7 +53,8 @@ RECIPE = {**WIDE_SHALLOW, "tokens_per_step": 4096, "warmup_steps": 200}  # round
 # Round 3's winner, which round 4 builds on.
 R3 = {**RECIPE, "d_model": 192, "n_head": 6, "schedule": "wsd", "decay_fraction": 0.3, "weight_decay": 0.3}
 R4 = {**R3, "weight_decay": 0.6}  # round 4's winner, which round 5 builds on
-R5 = {**R4, "lr": 5e-3}  # round 5's winner (configs/cpu-10min.toml), which round 6 builds on
+R5 = {**R4, "lr": 5e-3}  # round 5's winner, which round 6 builds on
+R6 = {**R5, "d_model": 160, "n_head": 5, "lr": 7e-3, "warmup_steps": 100}  # round 6's winner, which round 7 builds on
 ARMS: dict[str, dict] = {
     "base": {},
     "rope": {"position": "rope"},
@@ -126,7 +127,13 @@ ARMS: dict[str, dict] = {
     "r6-warmup-100": {**R5, "warmup_steps": 100},
     "r6-lr-7e-3": {**R5, "lr": 7e-3},
     "r6-w160": {**R5, "d_model": 160, "n_head": 5},
-    "r6-w160-lr-7e-3-warmup-100": {**R5, "d_model": 160, "n_head": 5, "lr": 7e-3, "warmup_steps": 100},
+    "r6-w160-lr-7e-3-warmup-100": R6,
+    # Round 7, around round 6's winner at the same budget: the rate again, and narrower shapes (128 wide went
+    # into configs/cpu-10min.toml). r7-recipe's runs are r6-w160-lr-7e-3-warmup-100's (same config).
+    "r7-recipe": R6,
+    "r7-lr-1e-2": {**R6, "lr": 1e-2},
+    "r7-w128": {**R6, "d_model": 128, "n_head": 4},
+    "r7-w96": {**R6, "d_model": 96, "n_head": 3},
 }
 
 
@@ -312,8 +319,13 @@ def run_study(args: argparse.Namespace) -> None:
             str(run_dir),
         ]
         begun = time.perf_counter()
+        # stderr to a file, not a pipe: a run outlives a stopped study instead of dying on a closed pipe
+        stderr_file = run_dir.parent / f"{run_dir.name}.stderr"
+        stderr_file.parent.mkdir(exist_ok=True)
         try:
-            stderr = subprocess.run(command, capture_output=True, text=True, timeout=left).stderr
+            with stderr_file.open("w") as stderr_out:
+                subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr_out, timeout=left)
+            stderr = stderr_file.read_text()
         except subprocess.TimeoutExpired:
             stderr = f"stopped at the {args.time_limit:.0f} s time limit"
         result["seconds"] = time.perf_counter() - begun
@@ -353,7 +365,7 @@ def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float
         rows.append((mean, name, figures, spread, runs))
     rows.sort(key=lambda row: row[0])
     # arms are compared with the quick start's, or where it did not run, with the recipe a round builds on
-    baselines = ("base", "ws-batch-4k", "r4-recipe", "r5-recipe", "r6-recipe")
+    baselines = ("base", "ws-batch-4k", "r4-recipe", "r5-recipe", "r6-recipe", "r7-recipe")
     against = next((name for name in baselines if name in by_arm), "base")
     base = next((row[0] for row in rows if row[1] == against), None)
     lines = [
