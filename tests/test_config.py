@@ -45,6 +45,7 @@ def test_overrides_and_round_trip():
         (lambda: ModelConfig(vocab_size=-5), ["vocab_size", "-5"]),
         (lambda: ModelConfig(vocab_size=100, context_length=2.5), ["context_length"]),
         (lambda: ModelConfig(vocab_size=100, dropout=1.0), ["dropout", "[0, 1)"]),
+        (lambda: ModelConfig(vocab_size=100, attention_dropout=-0.1), ["attention_dropout must be in [0, 1)", "-0.1"]),
         (lambda: ModelConfig.from_preset("7M", 100), ["unknown preset '7M'", "1M, 3M, 8M, 28M, 33M, 28M-seed"]),
         (lambda: ModelConfig.from_preset("1M", 100, width=3), ["unknown key(s) width", "d_model"]),
         (lambda: ModelConfig(vocab_size=100, position="alibi"), ["position must be one of learned, rope, none"]),

@@ -120,6 +120,16 @@ def test_unsupported_architectures_and_mismatched_shapes_are_refused(tmp_path):
         load_model("someone/missing-model")  # HF_HUB_OFFLINE=1 (conftest): no network is touched
 
 
+def test_exported_config_keeps_the_two_dropout_rates():
+    from gpt_tinystories.config import ModelConfig
+    from gpt_tinystories.model import GPT
+
+    config = ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4, context_length=16, dropout=0.1,
+                         attention_dropout=0.0)  # fmt: skip
+    exported = to_transformers(GPT(config)).config
+    assert (exported.resid_pdrop, exported.embd_pdrop, exported.attn_pdrop) == (0.1, 0.1, 0.0)
+
+
 def test_gpt_neo_model_round_trips_through_our_checkpoint_format(tmp_path):
     from gpt_tinystories import checkpoint
 

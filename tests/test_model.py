@@ -27,6 +27,31 @@ def test_attention_is_causal():
     assert not torch.allclose(model(idx)[:, 20:], model(changed)[:, 20:])
 
 
+@pytest.mark.parametrize("attention_dropout", [None, 0.0, 0.2])
+def test_attention_dropout_is_its_own_rate_and_defaults_to_dropout(monkeypatch, attention_dropout):
+    import torch.nn.functional as F
+
+    rates = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, dropout_p=0.0, **kwargs):
+        rates.append(dropout_p)
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    config = ModelConfig(**{**SMALL.to_dict(), "dropout": 0.1, "attention_dropout": attention_dropout})
+    model = GPT(config)
+    model(torch.randint(0, 512, (2, 16)))
+    expected = 0.1 if attention_dropout is None else attention_dropout
+    assert config.attention_dropout == expected and rates == [expected] * SMALL.n_layer
+    rates.clear()
+    model.eval()(torch.randint(0, 512, (2, 16)))
+    assert rates == [0.0] * SMALL.n_layer
+    # A config saved before the field existed meant one rate everywhere.
+    old = {k: v for k, v in config.to_dict().items() if k != "attention_dropout"}
+    assert ModelConfig.from_dict(old).attention_dropout == 0.1
+
+
 def test_gpt2_init_scales_residual_projections_and_ties_the_head():
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("8M", 4096))

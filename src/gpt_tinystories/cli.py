@@ -322,6 +322,7 @@ def _config_help(name: str, default: object) -> str:
         "init_from": "random weights; else a run dir, checkpoint folder or transformers model",
         "context_length": f"{ModelConfig.context_length}",
         "n_kv_head": "n_head (multi-head attention)",
+        "attention_dropout": "dropout's (on a CPU, 0 keeps the fused attention kernel)",
         "max_time": "none; e.g. 90s, 15m, 2h",
         "checkpoint_every": "at every evaluation",
         "threads": "torch's default (every core)",

@@ -34,7 +34,10 @@ class ModelConfig:
     n_layer: int = 8
     n_head: int = 16
     context_length: int = 512
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the embeddings and each block's output
+    # On the attention weights; None: as `dropout`. PyTorch's CPU attention has no fused kernel with dropout
+    # (its math path is ~3x slower), so a CPU run that wants regularisation sets this to 0.
+    attention_dropout: float | None = None
     bias: bool = True
     # Variants for experiments; the defaults are GPT-2.
     position: str = "learned"  # learned | rope (rotary) | none (causal attention alone tells order)
@@ -56,6 +59,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_layers", tuple(self.local_layers))  # JSON gives a list
+        if self.attention_dropout is None:  # configs saved before the field existed meant `dropout` everywhere
+            object.__setattr__(self, "attention_dropout", self.dropout)
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "context_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -67,8 +72,9 @@ class ModelConfig:
                 f"model config: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 f"choose n_head from the divisors of d_model ({shown})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"model config: {name} must be in [0, 1), got {getattr(self, name)!r}")
         for name, allowed in CHOICES.items():
             if (value := getattr(self, name)) not in allowed:
                 raise UserError(f"model config: {name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -189,6 +195,7 @@ class TrainConfig:
     n_layer: int | None = None
     n_head: int | None = None
     dropout: float = 0.0
+    attention_dropout: float | None = None  # None: as dropout
     # model variants (see ModelConfig); None keeps GPT-2's choice
     position: str | None = None
     rope_theta: float | None = None

@@ -42,7 +42,8 @@ def unsupported(config: ModelConfig, format: str) -> str | None:
 
 def variant(config: ModelConfig) -> str:
     """The config's departures from GPT-2 (the defaults), e.g. "qk_norm=True, norm='rmsnorm'"."""
-    shape = {"vocab_size", "d_model", "n_layer", "n_head", "context_length", "dropout", "rope_theta"}
+    shape = {"vocab_size", "d_model", "n_layer", "n_head", "context_length", "rope_theta"}
+    shape |= {"dropout", "attention_dropout"}  # training only
     defaults = ModelConfig(vocab_size=config.vocab_size)
     changed = [f"{f.name}={getattr(config, f.name)!r}" for f in fields(ModelConfig)
                if f.name not in shape and getattr(config, f.name) != getattr(defaults, f.name)]  # fmt: skip

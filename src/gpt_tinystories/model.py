@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
-        self.dropout = config.dropout
+        self.dropout = config.attention_dropout
         self.scale = config.attn_scale
         self.window = config.local_window if layer in config.local_layers else None
         # One matmul for q, k and v: fewer, larger kernels matter for tiny models. With grouped-query
@@ -189,7 +189,7 @@ class GPT(nn.Module):
         plan = None
         if cache is None:  # a whole sequence: attention may skip what it masks, and stories may be kept apart
             documents = document_ids(idx, self.config.eos_id) if self.config.document_mask else None
-            dropout = self.config.dropout if self.training else 0.0
+            dropout = self.config.attention_dropout if self.training else 0.0
             plan = AttentionPlan(self.config.attention, documents, dropout, self.cpu_attention_fp32)
             if documents is not None:  # each story's positions count from its own start
                 positions = document_positions(idx, self.config.eos_id)

@@ -334,7 +334,8 @@ def _model_source(config: TrainConfig, checkpointer: Checkpointer) -> tuple[Toke
         return checkpointer.resumed_tokenizer(), checkpointer.resumed.model_config, None
     if config.init_from is not None:
         init_model, tokenizer, _ = checkpoint.load_model(config.init_from)
-        return tokenizer, replace(init_model.config, dropout=config.dropout), init_model
+        dropouts = {"dropout": config.dropout, "attention_dropout": config.attention_dropout}
+        return tokenizer, replace(init_model.config, **dropouts), init_model
     tokenizer = load_tokenizer(config.tokenizer, config.data)
     return tokenizer, config.model_config(tokenizer.vocab_size, tokenizer.eos_id), None
 
