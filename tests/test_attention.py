@@ -143,7 +143,7 @@ def test_the_cpu_recipe_config_builds_a_model_that_trains():
     assert (model_config.d_model, model_config.n_layer, model_config.n_head, model_config.head_size) == (128, 4, 4, 32)
     assert config.max_time == "10m" and config.tokens_per_step == 4096 and config.precision == "auto"
     assert (config.schedule, config.decay_fraction, config.weight_decay, config.lr) == ("wsd", 0.3, 0.6, 7e-3)
-    assert config.warmup_steps == 100
+    assert config.warmup_steps == 100 and config.min_lr_ratio == 0.0
     model = GPT(model_config)
     idx = torch.randint(1, 4096, (2, 65))
     loss = model.loss(idx[:, :-1], idx[:, 1:])
