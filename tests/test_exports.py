@@ -23,6 +23,7 @@ from gpt_tinystories.tokenizer import TOKENIZER_FILE
 STORY = "One day, a little girl named Lily found a needle in her room. She knew it was difficult to play with it."
 REQUIRE_LLAMA_CPP = os.environ.get("GPT_TINYSTORIES_REQUIRE_LLAMA_CPP") == "1"
 LLAMA = {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "n_kv_head": 2}
+NEOX = {"position": "rope", "rope_theta": 1000.0}  # a GPT-2 block with rotary positions
 
 
 def tiny(vocab_size: int, **variant) -> GPT:
@@ -84,9 +85,9 @@ def llama_greedy(llama_cpp, path, prompt, new_tokens):
     return tokens, prompt_logits, llm
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "gptneox", "llama"])
 def test_llama_cpp_runs_the_gguf_export_like_ours(llama_cpp, bpe, tmp_path, kind):
-    model = tiny(bpe.vocab_size, **(LLAMA if kind == "llama" else {}))
+    model = tiny(bpe.vocab_size, **{"gpt2": {}, "gptneox": NEOX, "llama": LLAMA}[kind])
     prompt = [bpe.eos_id, *bpe.encode(STORY)][:20]
     expected = ours_greedy(model, prompt, 30)
     with torch.no_grad():

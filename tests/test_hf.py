@@ -90,6 +90,50 @@ def test_imported_models_match_transformers(kind, tmp_path, gpt2):
     assert type(to_transformers(again)) is type(theirs)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_rotary_gpt2_block_exports_to_gpt_neox_and_back(tied, tmp_path, bpe):
+    from gpt_tinystories.config import ModelConfig
+    from gpt_tinystories.model import GPT
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=bpe.vocab_size, d_model=64, n_layer=2, n_head=4, context_length=96,
+                         position="rope", rope_theta=1000.0, tied_embeddings=tied)  # fmt: skip
+    ours = GPT(config).eval()
+    with torch.no_grad():  # norm gains and biases away from 1 and 0, so a mapping that drops one shows
+        for p in ours.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    export(ours, bpe, tmp_path / "neox")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "neox").eval()
+    assert type(theirs).__name__ == "GPTNeoXForCausalLM" and theirs.config.tie_word_embeddings == tied
+    ids = torch.tensor([[bpe.eos_id, *bpe.encode(STORY)]])
+    with torch.no_grad():
+        logits = ours(ids)
+        assert logits.std() > 0.1  # large enough that a wrong mapping shows
+        torch.testing.assert_close(theirs(ids).logits, logits, atol=1e-4, rtol=0)
+    prompt = ids[:, :12]
+    with torch.inference_mode():  # transformers' own KV cache and rotary offsets against ours
+        expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30,
+                                   min_new_tokens=30, do_sample=False, pad_token_id=0)  # fmt: skip
+    assert generate(ours, prompt.tolist(), 30, Sampling(temperature=0))[0] == expected[0, 12:].tolist()
+    again, tokenizer, _ = load_pretrained(tmp_path / "neox")  # export -> import is lossless
+    assert again.config == ours.config and tokenizer.encode(STORY) == bpe.encode(STORY)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_gpt_neox_models_that_are_not_a_rotary_gpt2_block_are_refused(tmp_path):
+    pythia = transformers.GPTNeoXConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, use_parallel_residual=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.25})  # fmt: skip
+    transformers.GPTNeoXForCausalLM(pythia).save_pretrained(tmp_path / "pythia")
+    (tmp_path / "pythia" / "tokenizer.json").unlink(missing_ok=True)
+    with pytest.raises(UserError, match=r"not a GPT-2 block with rotary positions: use_parallel_residual=True "
+                                        r"\(needs False\), partial_rotary_factor=0\.25 \(needs 1\.0\)$"):  # fmt: skip
+        load_model(tmp_path / "pythia")
+
+
 def test_generate_and_eval_run_on_an_imported_model(tmp_path):
     theirs = tinystories_1m("gpt_neo")
     theirs.save_pretrained(tmp_path / "neo")

@@ -98,7 +98,8 @@ def test_bf16_autocast_loss_is_close_to_fp32(variant):
     assert low.item() == pytest.approx(net.loss(idx[:, :-1], idx[:, 1:]).item(), rel=2e-2)
 
 
-EXPORTS = {"gpt2": "GPT2LMHeadModel", "untied": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+EXPORTS = {"gpt2": "GPT2LMHeadModel", "untied": "GPT2LMHeadModel", "rope": "GPTNeoXForCausalLM",
+           "llama": "LlamaForCausalLM"}  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -106,7 +107,7 @@ def test_export_maps_to_the_matching_transformers_model_or_says_why_not(variant)
     pytest.importorskip("transformers")
     from gpt_tinystories.hf import to_transformers
 
-    net = model(variant, **({"rope_theta": 500.0} if variant == "llama" else {}))
+    net = model(variant, **({"rope_theta": 500.0} if variant in ("rope", "llama") else {}))
     if variant not in EXPORTS:
         with pytest.raises(UserError, match="transformers has no architecture for this model") as error:
             to_transformers(net)

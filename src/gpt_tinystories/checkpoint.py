@@ -298,8 +298,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """The model and tokenizer of a run dir or checkpoint folder, or of a transformers GPT-2 / GPT-Neo folder or
-    hub id (e.g. roneneldan/TinyStories-33M), ready for inference."""
+    """The model and tokenizer of a run dir or checkpoint folder, or of a transformers GPT-2 / GPT-Neo / GPT-NeoX
+    folder or hub id (e.g. roneneldan/TinyStories-33M), ready for inference."""
     if not is_checkpoint(path) and ((Path(path) / "config.json").is_file() or is_hub_id(path)):
         from .hf import load_pretrained
 

@@ -160,7 +160,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "hf":
         from .hf import architecture
 
-        kind = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "llama": "Llama"}[architecture(model.config)]
+        names = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "gpt_neox": "GPT-NeoX", "llama": "Llama"}
+        kind = names[architecture(model.config)]
         print(f"exported {meta['path']} as a transformers {kind} model to {out}")
     else:
         what = {"gguf": f"a GGUF file ({args.outtype or 'f32'}) for llama.cpp", "onnx": "an ONNX model with a KV cache"}
@@ -425,7 +426,7 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo folder or hub id",
+        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo/GPT-NeoX folder or hub id",
     )
     p.add_argument("--data", required=True, help="hub dataset id, or a .txt/.jsonl/.parquet file or folder")
     p.add_argument("--split", default="validation", help="split of a hub dataset (default: validation)")
@@ -441,7 +442,7 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("export", help="write a checkpoint for transformers, llama.cpp (GGUF) or onnxruntime")
     p.add_argument("--checkpoint", required=True, help="a run dir or a checkpoint folder")
     p.add_argument("--format", choices=["hf", "gguf", "onnx"], default="hf",
-                   help="hf: transformers GPT-2, GPT-Neo or Llama folder; gguf: one llama.cpp file; "
+                   help="hf: transformers GPT-2, GPT-Neo, GPT-NeoX or Llama folder; gguf: one llama.cpp file; "
                    "onnx: a folder with model.onnx (KV cache inputs/outputs), its tokenizer and "
                    "onnxruntime-genai's config")  # fmt: skip
     p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], help="gguf weights (default: f32)")
@@ -466,7 +467,7 @@ def _add_generate_verb(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo folder or hub id",
+        help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo/GPT-NeoX folder or hub id",
     )
     p.add_argument("--prompt", default="", help="the start of the story (empty: a new story)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=200)

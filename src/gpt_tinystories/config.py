@@ -189,7 +189,7 @@ class TrainConfig:
     val_fraction: float = 0.05  # share of local data held out for validation when val_data is not given
     tokenizer: str = "bpe-4096"  # gpt2 | bpe-N (trained on the training data) | path to a tokenizer.json
     init_from: str | None = None  # start from these weights (and their shape and tokenizer): a run dir,
-    # a checkpoint folder, or a transformers GPT-2 / GPT-Neo folder or hub id
+    # a checkpoint folder, or a transformers GPT-2 / GPT-Neo / GPT-NeoX folder or hub id
     context_length: int | None = None
     d_model: int | None = None
     n_layer: int | None = None

@@ -1,7 +1,8 @@
 """Export to GGUF, the file format of llama.cpp (and of ollama, LM Studio, ... that run on it).
 
-A GPT-2-shaped model becomes llama.cpp's `gpt2` architecture, a Llama-shaped one (rotary, RMSNorm, SwiGLU)
-its `llama` architecture, each with its byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`): vocabulary,
+A GPT-2-shaped model becomes llama.cpp's `gpt2` architecture, one with rotary positions its `gptneox`
+architecture (sequential residuals, whole heads rotated), a Llama-shaped one (rotary, RMSNorm, SwiGLU) its
+`llama` architecture, each with its byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`): vocabulary,
 merges, token types and EOS. Weights are written as f32, f16 or q8_0 (8-bit blocks of 32 with one f16
 scale, llama.cpp's near-lossless quantization) through the `gguf` package that llama.cpp itself maintains.
 """
@@ -36,7 +37,7 @@ def unsupported(config: ModelConfig) -> str | None:
     if kind == "gpt_neo":
         return "GPT-Neo's attention (unscaled, or local layers) is in no llama.cpp architecture"
     if kind is None:
-        return "llama.cpp's gpt2 and llama architectures have no such variant"
+        return "llama.cpp's gpt2, gptneox and llama architectures have no such variant"
     if kind == "gpt2" and config.kv_heads != config.n_head:
         return "grouped-query attention with GPT-2's learned positions is not what llama.cpp's gpt2 loads"
     return None
@@ -53,7 +54,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, outtyp
     if reason := unsupported(model.config):
         raise UserError(f"GGUF export: {reason}")
     out = Path(out)
-    arch = "llama" if architecture(model.config) == "llama" else "gpt2"
+    arch = {"llama": "llama", "gpt_neox": "gptneox"}.get(architecture(model.config), "gpt2")
     with replacing(out) as tmp:  # a crash or a full disk leaves no half-written file behind
         _write(gguf.GGUFWriter(tmp, arch), model, tokenizer, arch, outtype)
     return out
@@ -94,10 +95,13 @@ def _hyperparameters(writer, config: ModelConfig, arch: str, outtype: str) -> No
     writer.add_head_count_kv(config.kv_heads)
     if arch == "llama":
         writer.add_layer_norm_rms_eps(1e-5)
-        writer.add_rope_dimension_count(config.head_size)
-        writer.add_rope_freq_base(config.rope_theta)
     else:
         writer.add_layer_norm_eps(1e-5)
+    if arch != "gpt2":
+        writer.add_rope_dimension_count(config.head_size)
+        writer.add_rope_freq_base(config.rope_theta)
+    if arch == "gptneox":
+        writer.add_parallel_residual(False)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -139,7 +143,7 @@ def _tensors(model: GPT, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
     # written even when tied: every llama.cpp version loads an explicit output matrix
     yield "output.weight", model.head_weight
     for i, block in enumerate(model.blocks):
-        if arch == "gpt2":
+        if arch != "llama":  # llama.cpp's gptneox keeps q|k|v fused as ours, and rotates halves as ours
             yield from _gpt2_block(f"blk.{i}.", block)
         else:
             yield from _llama_block(f"blk.{i}.", block, config)

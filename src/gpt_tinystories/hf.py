@@ -1,5 +1,6 @@
-"""Hugging Face transformers interop: export to GPT2LMHeadModel, GPTNeoForCausalLM or LlamaForCausalLM (for
-the rotary + RMSNorm + SwiGLU variant); import from GPT-2 or GPT-Neo.
+"""Hugging Face transformers interop: export to GPT2LMHeadModel, GPTNeoForCausalLM, GPTNeoXForCausalLM (a GPT-2
+block with rotary positions) or LlamaForCausalLM (rotary + RMSNorm + SwiGLU); import from GPT-2, GPT-Neo or such
+a GPT-NeoX.
 
 GPT-Neo is the architecture of the TinyStories paper's models (roneneldan/TinyStories-1M ... 33M): like GPT-2
 but without attention scaling, with every other layer attending to the last 256 positions only, and with
@@ -24,7 +25,7 @@ from .errors import UserError, write_error
 from .model import GPT
 from .tokenizer import EOS, Tokenizer
 
-SUPPORTED = ("gpt2", "gpt_neo")
+SUPPORTED = ("gpt2", "gpt_neo", "gpt_neox")
 
 
 def _is_neo(config: ModelConfig) -> bool:
@@ -39,17 +40,22 @@ _LLAMA_VARIANTS = {"position": "rope", "norm": "rmsnorm", "activation": "swiglu"
 
 
 def architecture(config: ModelConfig) -> str:
-    """The transformers architecture that computes exactly this model: gpt2, gpt_neo or llama."""
+    """The transformers architecture that computes exactly this model: gpt2, gpt_neo, gpt_neox or llama."""
     values = config.to_dict() | {"n_kv_head": None if config.kv_heads == config.n_head else config.n_kv_head}
     gpt2_misses = [name for name, value in _GPT2_VARIANTS.items() if values[name] != value]
     if not gpt2_misses:
         return "gpt_neo" if _is_neo(config) else "gpt2"
+    if gpt2_misses == ["position"] and config.position == "rope" and not _is_neo(config):
+        # GPT-NeoX with sequential residuals and rotation of whole heads is exactly a GPT-2 block with rotary
+        # positions (rotate-half layout, as ours)
+        return "gpt_neox"
     if all(values[name] == value for name, value in _LLAMA_VARIANTS.items()):
         return "llama"
     differences = ", ".join(f"{name}={values[name]!r}" for name in gpt2_misses)
     raise UserError(
-        f"transformers has no architecture for this model ({differences}): GPT-2 needs the default variants, Llama "
-        "needs position=rope, norm=rmsnorm, activation=swiglu, without qk_norm or parallel_blocks"
+        f"transformers has no architecture for this model ({differences}): GPT-2 needs the default variants "
+        "(GPT-NeoX: the same with position=rope), Llama needs position=rope, norm=rmsnorm, activation=swiglu, "
+        "without qk_norm or parallel_blocks"
     )
 
 
@@ -62,12 +68,26 @@ class Weight:
     theirs: tuple[str, ...]  # several: ours is their concatenation along dim 0; none: theirs is implicitly zero
     sizes: tuple[int, ...] | None = None  # rows of each of `theirs` in ours (None: equal parts)
     transposed: bool = False  # GPT-2's Conv1D layers store weights as (in, out)
+    heads: int | None = None  # GPT-NeoX's fused q, k, v rows go head by head (q, k, v of head 0, ...), ours q|k|v
+
+    def to_theirs(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.T if self.transposed else tensor
+        if self.heads:
+            tensor = tensor.reshape(3, self.heads, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+        return tensor
+
+    def to_ours(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.heads:
+            tensor = tensor.reshape(self.heads, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+        return tensor.T if self.transposed else tensor
 
 
 def weight_names(kind: str, config: ModelConfig) -> list[Weight]:
     """Every tensor of our model (config) and where the transformers model of `kind` keeps it."""
     if kind == "llama":
         return _llama_names(config)
+    if kind == "gpt_neox":
+        return _neox_names(config)
     names = [
         Weight(name, (f"transformer.{name}",)) for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
     ]
@@ -117,11 +137,34 @@ def _llama_names(config: ModelConfig) -> list[Weight]:
     return names
 
 
+def _neox_names(config: ModelConfig) -> list[Weight]:
+    names = [Weight("wte.weight", ("gpt_neox.embed_in.weight",))]
+    names += [Weight(f"ln_f.{p}", (f"gpt_neox.final_layer_norm.{p}",)) for p in ("weight", "bias")]
+    if not config.tied_embeddings:
+        names.append(Weight("lm_head.weight", (_neox_head(),)))
+    pairs = (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm"),
+             ("attn.qkv", "attention.query_key_value"), ("attn.proj", "attention.dense"),
+             ("mlp.up", "mlp.dense_h_to_4h"), ("mlp.down", "mlp.dense_4h_to_h"))  # fmt: skip
+    for i in range(config.n_layer):
+        for ours, theirs in pairs:
+            heads = config.n_head if ours == "attn.qkv" else None
+            names += [Weight(f"blocks.{i}.{ours}.{p}", (f"gpt_neox.layers.{i}.{theirs}.{p}",), heads=heads)
+                      for p in ("weight", "bias")]  # fmt: skip
+    return names
+
+
+def _neox_head() -> str:
+    """GPT-NeoX's LM head: lm_head in transformers 5, embed_out before."""
+    import transformers
+
+    return next(iter(transformers.GPTNeoXForCausalLM._tied_weights_keys))
+
+
 def to_hf_state(model: GPT, kind: str) -> dict[str, torch.Tensor]:
     """Our weights under transformers' names for `kind`."""
     ours, state = model.state_dict(), {}
     for entry in weight_names(kind, model.config):
-        tensor = ours[entry.ours].T if entry.transposed else ours[entry.ours]
+        tensor = entry.to_theirs(ours[entry.ours])
         if len(entry.theirs) > 1:
             pieces = tensor.split(list(entry.sizes)) if entry.sizes else tensor.chunk(len(entry.theirs))
             state |= dict(zip(entry.theirs, pieces, strict=True))
@@ -145,13 +188,14 @@ def from_hf_state(source: dict[str, torch.Tensor], kind: str, config: ModelConfi
             out[entry.ours] = None
             continue
         tensor = torch.cat([get(name) for name in entry.theirs]) if len(entry.theirs) > 1 else get(entry.theirs[0])
-        out[entry.ours] = tensor.T if entry.transposed else tensor
+        out[entry.ours] = entry.to_ours(tensor)
     return out
 
 
 # -- export ------------------------------------------------------------------------------------------
 def to_transformers(model: GPT):
-    """The same network as a transformers model: GPT2LMHeadModel, GPTNeoForCausalLM or LlamaForCausalLM."""
+    """The same network as a transformers model: GPT2LMHeadModel, GPTNeoForCausalLM, GPTNeoXForCausalLM or
+    LlamaForCausalLM."""
     import transformers
 
     config = model.config
@@ -164,6 +208,8 @@ def to_transformers(model: GPT):
         hf = transformers.GPTNeoForCausalLM(_neo_config(config))
     elif kind == "llama":
         hf = transformers.LlamaForCausalLM._from_config(_llama_config(config), attn_implementation="sdpa")
+    elif kind == "gpt_neox":
+        hf = transformers.GPTNeoXForCausalLM._from_config(_neox_config(config), attn_implementation="sdpa")
     else:
         hf = transformers.GPT2LMHeadModel._from_config(_gpt2_config(config), attn_implementation="sdpa")
     return _load(hf, to_hf_state(model, kind), model)
@@ -211,6 +257,30 @@ def _neo_config(config: ModelConfig):
     )
 
 
+def _neox_config(config: ModelConfig):
+    import transformers
+
+    return transformers.GPTNeoXConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.mlp_hidden,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        hidden_act="gelu_new",
+        max_position_embeddings=config.context_length,
+        layer_norm_eps=1e-5,
+        rotary_emb_base=config.rope_theta,  # the names of transformers 4, which 5 still reads
+        rotary_pct=1.0,
+        use_parallel_residual=False,  # x + attn(ln_1(x)), then + mlp(ln_2(.)): GPT-2's order
+        attention_bias=True,
+        hidden_dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
+        tie_word_embeddings=config.tied_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
 def _llama_config(config: ModelConfig):
     import transformers
 
@@ -237,7 +307,7 @@ def _llama_config(config: ModelConfig):
 def _load(hf, state: dict[str, torch.Tensor], model: GPT):
     with torch.no_grad():
         missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    tied = {"lm_head.weight"} if model.config.tied_embeddings else set()
+    tied = set(type(hf)._tied_weights_keys or ()) if model.config.tied_embeddings else set()  # a list, or (5) a dict
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"weight mapping out of date: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
@@ -246,7 +316,7 @@ def _load(hf, state: dict[str, torch.Tensor], model: GPT):
 
 # -- import ------------------------------------------------------------------------------------------
 def from_transformers(hf) -> GPT:
-    """Our model with the weights of a transformers GPT-2 or GPT-Neo causal LM."""
+    """Our model with the weights of a transformers GPT-2, GPT-Neo or GPT-NeoX causal LM."""
     config = _our_config(hf.config)
     model = GPT(config)
     target = model.state_dict()
@@ -265,7 +335,7 @@ def from_transformers(hf) -> GPT:
 
 
 def _our_config(hf_config) -> ModelConfig:
-    """The ModelConfig that computes what a transformers GPT-2 or GPT-Neo config describes."""
+    """The ModelConfig that computes what a transformers GPT-2, GPT-Neo or GPT-NeoX config describes."""
     if hf_config.model_type == "gpt2":
         config = ModelConfig(vocab_size=hf_config.vocab_size, d_model=hf_config.n_embd, n_layer=hf_config.n_layer,
                              n_head=hf_config.n_head, context_length=hf_config.n_positions)  # fmt: skip
@@ -275,16 +345,42 @@ def _our_config(hf_config) -> ModelConfig:
                              n_layer=hf_config.num_layers, n_head=hf_config.num_heads,
                              context_length=hf_config.max_position_embeddings, attn_scale=1.0,
                              local_window=hf_config.window_size if local else None, local_layers=local)  # fmt: skip
+    elif hf_config.model_type == "gpt_neox":
+        config = _our_neox_config(hf_config)
     else:
         raise UserError(f"unsupported architecture {hf_config.model_type!r}; supported: {', '.join(SUPPORTED)}")
-    activation = getattr(hf_config, "activation_function", "gelu_new")
+    activation = getattr(hf_config, "activation_function", None) or getattr(hf_config, "hidden_act", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         raise UserError(f"unsupported activation {activation!r}; supported: gelu_new, gelu_pytorch_tanh, gelu")
     return ModelConfig.from_dict({**config.to_dict(), "activation": "gelu" if activation == "gelu" else "gelu_tanh"})
 
 
+def _our_neox_config(hf_config) -> ModelConfig:
+    """GPT-NeoX models that are a GPT-2 block with rotary positions; others (Pythia: parallel residuals, a
+    quarter of each head rotated) are refused, naming what differs."""
+    rope = getattr(hf_config, "rope_parameters", None) or {  # transformers 4's names
+        "rope_theta": hf_config.rotary_emb_base, "partial_rotary_factor": hf_config.rotary_pct,
+        "rope_type": (hf_config.rope_scaling or {}).get("rope_type", "default"),
+    }  # fmt: skip
+    differences = {
+        "use_parallel_residual": (hf_config.use_parallel_residual, False),
+        "partial_rotary_factor": (rope.get("partial_rotary_factor", 1.0), 1.0),
+        "rope_type": (rope.get("rope_type", "default"), "default"),
+        "attention_bias": (hf_config.attention_bias, True),
+        "intermediate_size": (hf_config.intermediate_size, 4 * hf_config.hidden_size),
+        "layer_norm_eps": (hf_config.layer_norm_eps, 1e-5),
+    }
+    if misses := [f"{name}={value!r} (needs {need!r})" for name, (value, need) in differences.items() if value != need]:
+        raise UserError(f"this GPT-NeoX model is not a GPT-2 block with rotary positions: {', '.join(misses)}")
+    return ModelConfig(vocab_size=hf_config.vocab_size, d_model=hf_config.hidden_size,
+                       n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
+                       context_length=hf_config.max_position_embeddings, position="rope",
+                       rope_theta=float(rope.get("rope_theta", 10_000.0)),
+                       tied_embeddings=bool(hf_config.tie_word_embeddings))  # fmt: skip
+
+
 def load_pretrained(name: str | os.PathLike) -> tuple[GPT, Tokenizer, dict]:
-    """Our model and tokenizer from a transformers directory or hub id (GPT-2 or GPT-Neo)."""
+    """Our model and tokenizer from a transformers directory or hub id (GPT-2, GPT-Neo or GPT-NeoX)."""
     import transformers
 
     if not Path(name).exists() and not hub.offline() and not hub.hub_reachable():
@@ -306,7 +402,8 @@ def load_pretrained(name: str | os.PathLike) -> tuple[GPT, Tokenizer, dict]:
         # (torch warns on the way about a pickle protocol its own files never use: the error below says it)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            hf = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, weights_only=True)
+            precision = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+            hf = transformers.AutoModelForCausalLM.from_pretrained(name, **precision, weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"the weights of {name} hold objects other than tensors; refusing to unpickle them") from None
     except (OSError, ValueError, RuntimeError) as error:
