@@ -56,6 +56,7 @@ R4 = {**R3, "weight_decay": 0.6}  # round 4's winner, which round 5 builds on
 R5 = {**R4, "lr": 5e-3}  # round 5's winner, which round 6 builds on
 R6 = {**R5, "d_model": 160, "n_head": 5, "lr": 7e-3, "warmup_steps": 100}  # round 6's winner, which round 7 builds on
 R7 = {**R6, "d_model": 128, "n_head": 4}  # round 7's winner, which round 8 builds on
+R8 = {**R7, "min_lr_ratio": 0.0}  # round 8's winner, which round 9 builds on
 ARMS: dict[str, dict] = {
     "base": {},
     "rope": {"position": "rope"},
@@ -142,7 +143,12 @@ ARMS: dict[str, dict] = {
     "r8-dropout-0.1": {**R7, "dropout": 0.1, "attention_dropout": 0.0},
     "r8-dropout-0.2": {**R7, "dropout": 0.2, "attention_dropout": 0.0},
     "r8-w160-dropout-0.1": {**R6, "dropout": 0.1, "attention_dropout": 0.0},
-    "r8-min-lr-0": {**R7, "min_lr_ratio": 0.0},
+    "r8-min-lr-0": R8,
+    # Round 9, around round 8's winner (r8-min-lr-0, whose runs it reuses) at the same budget: rotary positions,
+    # which gain at equal tokens (docs/study-1m.md) but lost at the quick start's 16 heads of 4 for their CPU
+    # time (round 1), and may cost less at 4 heads of 32; and a longer decay, now that it goes down to 0.
+    "r9-rope": {**R8, "position": "rope"},
+    "r9-decay-0.5": {**R8, "decay_fraction": 0.5},
 }
 
 
@@ -374,7 +380,8 @@ def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float
         rows.append((mean, name, figures, spread, runs))
     rows.sort(key=lambda row: row[0])
     # arms are compared with the quick start's, or where it did not run, with the recipe a round builds on
-    baselines = ("base", "ws-batch-4k", "r4-recipe", "r5-recipe", "r6-recipe", "r6-w160-lr-7e-3-warmup-100", "r7-w128")
+    baselines = ("base", "ws-batch-4k", "r4-recipe", "r5-recipe", "r6-recipe", "r6-w160-lr-7e-3-warmup-100",
+                 "r7-w128", "r8-min-lr-0")  # fmt: skip
     against = next((name for name in baselines if name in by_arm), "base")
     base = next((row[0] for row in rows if row[1] == against), None)
     lines = [

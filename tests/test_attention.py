@@ -136,14 +136,16 @@ def test_the_cpu_recipe_config_builds_a_model_that_trains():
     from pathlib import Path
 
     from gpt_tinystories.config import load_config_file
+    from gpt_tinystories.hf import architecture
 
     config = TrainConfig.from_dict(load_config_file(Path(__file__).parents[1] / "configs/cpu-10min.toml")).resolved()
     model_config = config.model_config(vocab_size=4096, eos_id=EOS)
-    # the study's winner (docs/study-cpu-10min.md): 128 wide, 4 layers, 4 heads of 32, 4,096 tokens per step, WSD
+    # the study's winner (docs/study-cpu-10min.md): 128 wide, 4 layers, 4 heads of 32, rotary, 4,096 tokens a step, WSD
     assert (model_config.d_model, model_config.n_layer, model_config.n_head, model_config.head_size) == (128, 4, 4, 32)
     assert config.max_time == "10m" and config.tokens_per_step == 4096 and config.precision == "auto"
     assert (config.schedule, config.decay_fraction, config.weight_decay, config.lr) == ("wsd", 0.3, 0.6, 7e-3)
     assert config.warmup_steps == 100 and config.min_lr_ratio == 0.0
+    assert model_config.position == "rope" and architecture(model_config) == "gpt_neox"  # exports to hf and GGUF
     model = GPT(model_config)
     idx = torch.randint(1, 4096, (2, 65))
     loss = model.loss(idx[:, :-1], idx[:, 1:])
