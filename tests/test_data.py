@@ -190,6 +190,24 @@ def test_each_epoch_visits_every_window_once_in_a_new_order(prepared):
     assert x[0].tolist() == tokens[3 * 128 : 4 * 128].tolist() and y[0, -1] == tokens[4 * 128]
 
 
+def test_shifted_windows_cut_each_epoch_at_its_own_offset(prepared):
+    (tokens,) = prepared.tokens()
+    windows = TokenWindows(prepared.tokens(), context_length=128, seed=0, shift=True)
+    n = len(windows)
+    assert n == (prepared.num_tokens - 128) // 128  # 127 tokens spare for the largest offset
+    offsets = [windows.offset(epoch) for epoch in range(8)]
+    assert all(0 <= o < 128 for o in offsets) and len(set(offsets)) > 1
+    for epoch in (0, 3):  # an epoch's rows: its windows in its own order, cut from its offset on
+        x, y = windows.batch(epoch * n, n)
+        for i in range(n):
+            start = offsets[epoch] + 128 * windows.window_index(epoch * n + i)
+            assert x[i].tolist() == tokens[start : start + 128].tolist() and y[i, -1] == tokens[start + 128]
+    # A pure function of (seed, position) still: a resumed run sees the same rows; evaluation order never shifts.
+    again = TokenWindows(prepared.tokens(), context_length=128, seed=0, shift=True)
+    assert torch.equal(again.batch(3 * n + 5, 4)[0], windows.batch(3 * n + 5, 4)[0])
+    assert TokenWindows(prepared.tokens(), context_length=128, seed=None, shift=True).offset(5) == 0
+
+
 def test_holdout_cuts_at_a_story_boundary(prepared, bpe, monkeypatch, tmp_path):
     head, tail = prepared.holdout(0.1)
     (stream,) = prepared.tokens()
@@ -204,3 +222,6 @@ def test_holdout_cuts_at_a_story_boundary(prepared, bpe, monkeypatch, tmp_path):
 def test_too_little_data_for_one_window_is_an_error(prepared):
     with pytest.raises(UserError, match="fewer than one window"):
         TokenWindows(prepared.tokens(), context_length=prepared.num_tokens)
+    with pytest.raises(UserError, match=r"and the \d+ that shift_windows keeps spare; use a smaller context_length"):
+        TokenWindows(prepared.tokens(), context_length=prepared.num_tokens // 2 + 1, shift=True)
+    assert len(TokenWindows(prepared.tokens(), context_length=prepared.num_tokens // 2 + 1)) == 1

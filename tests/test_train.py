@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,19 +46,20 @@ def digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def resumed_from_step_8(config, run_dir):
+    """A run interrupted after step 8 (its newest checkpoint then), resumed to its end."""
+    train(config, run_dir, progress=False)
+    shutil.rmtree(run_dir / "checkpoints" / "step-000012")
+    assert checkpoint.latest(run_dir).name == "step-000008"
+    return train(config, run_dir, resume=True, progress=False)
+
+
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, tokenizer_file):
     config = tiny(tokenizer_file)
     full = train(config, tmp_path / "full", progress=False)
     assert full.step == 12
-    # Interrupt a second run after step 8 (its newest checkpoint), then resume it.
-    train(config, tmp_path / "resumed", progress=False)
+    resumed = resumed_from_step_8(config, tmp_path / "resumed")
     step12 = tmp_path / "resumed" / "checkpoints" / "step-000012"
-    checkpoint.prune(tmp_path / "resumed", keep_last=10)
-    import shutil
-
-    shutil.rmtree(step12)
-    assert checkpoint.latest(tmp_path / "resumed").name == "step-000008"
-    resumed = train(config, tmp_path / "resumed", resume=True, progress=False)
     assert resumed.step == 12
     losses = [r["loss"] for r in records(tmp_path / "full", "train")]
     assert [r["loss"] for r in records(tmp_path / "resumed", "train")] == losses  # exact, not approximate
@@ -66,6 +68,20 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, tokeniz
     assert digest(step12 / "model.safetensors") == digest(
         tmp_path / "full" / "checkpoints" / "step-000012" / "model.safetensors"
     )
+
+
+def test_shifted_windows_change_what_a_run_sees_and_still_resume_exactly(tmp_path, tokenizer_file):
+    # 5 stories make ~14 windows of 65 tokens: 12 steps of 8 are ~7 passes, each cut at its own offset
+    config = tiny(tokenizer_file, data=str(sample("fixture-5-stories.txt")), shift_windows=True)
+    train(config, tmp_path / "full", progress=False)
+    losses = [r["loss"] for r in records(tmp_path / "full", "train")]
+    assert records(tmp_path / "full", "train")[-1]["epoch"] > 5
+    resumed_from_step_8(config, tmp_path / "resumed")
+    assert [r["loss"] for r in records(tmp_path / "resumed", "train")] == losses
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["shift_windows"] is True
+    train(tiny(tokenizer_file, data=config.data, max_steps=1), tmp_path / "fixed", progress=False)
+    fixed = [r["loss"] for r in records(tmp_path / "fixed", "train")]
+    assert fixed[0] != losses[0]  # the first pass is cut at its offset too
 
 
 def test_a_bf16_run_resumes_with_the_attention_precision_it_measured(tmp_path, tokenizer_file, monkeypatch):

@@ -187,6 +187,9 @@ class TrainConfig:
     data: str = "roneneldan/TinyStories"
     val_data: str | None = None  # default: the hub's validation split, or a held-out tail of local data
     val_fraction: float = 0.05  # share of local data held out for validation when val_data is not given
+    # Cut each pass's windows at a new offset (drawn from seed and epoch): many passes over little text then
+    # show each passage in new contexts instead of the same windows again
+    shift_windows: bool = False
     tokenizer: str = "bpe-4096"  # gpt2 | bpe-N (trained on the training data) | path to a tokenizer.json
     init_from: str | None = None  # start from these weights (and their shape and tokenizer): a run dir,
     # a checkpoint folder, or a transformers GPT-2 / GPT-Neo / GPT-NeoX folder or hub id

@@ -347,18 +347,30 @@ class TokenWindows:
     Window order is a pure function of the seed: epoch e visits every window once, in a permutation drawn
     from (seed, e). The batch at global position p is therefore the same in a resumed run and on any rank,
     which is what exact resume and multi-process training rely on. With `seed=None` windows come in order
-    (fixed evaluation batches).
+    (fixed evaluation batches). With `shift=True` each epoch also cuts its windows at an offset drawn from
+    (seed, e): a run of many passes over little text then sees each passage in new contexts, not the same
+    windows again (each array keeps `context_length - 1` tokens spare for that, so it may hold one window fewer).
     """
 
-    def __init__(self, tokens: list[np.ndarray], context_length: int, seed: int | None = 0, name: str = "data") -> None:
+    def __init__(
+        self,
+        tokens: list[np.ndarray],
+        context_length: int,
+        seed: int | None = 0,
+        name: str = "data",
+        shift: bool = False,
+    ) -> None:
         self.arrays, self.context_length, self.seed = tokens, context_length, seed
-        counts = [max(len(array) - 1, 0) // context_length for array in tokens]
+        self.shift = shift and seed is not None
+        spare = context_length - 1 if self.shift else 0
+        counts = [max(len(array) - 1 - spare, 0) // context_length for array in tokens]
         self.starts = np.cumsum([0, *counts])
         self.num_windows = int(self.starts[-1])
         if self.num_windows == 0:
             raise UserError(
                 f"{name} holds {sum(map(len, tokens)):,} tokens, fewer than one window of context_length + 1 = "
-                f"{context_length + 1}; use a smaller context_length or more data"
+                f"{context_length + 1}{f' and the {spare} that shift_windows keeps spare' if spare else ''}; "
+                "use a smaller context_length or more data"
             )
 
     def __len__(self) -> int:
@@ -372,19 +384,27 @@ class TokenWindows:
         epoch, index = divmod(position, self.num_windows)
         return index if self.seed is None else int(self._order(epoch)[index])
 
-    def window(self, index: int) -> np.ndarray:
+    def offset(self, epoch: int) -> int:
+        """Where epoch `epoch` starts cutting windows: 0, or with `shift` a draw from (seed, epoch)."""
+        return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.context_length)) if self.shift else 0
+
+    def window(self, index: int, epoch: int = 0) -> np.ndarray:
         array = int(np.searchsorted(self.starts, index, side="right")) - 1
-        start = (index - int(self.starts[array])) * self.context_length
+        start = (index - int(self.starts[array])) * self.context_length + self.offset(epoch)
         return self.arrays[array][start : start + self.context_length + 1]
 
     def batch(self, first: int, count: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""
-        return self.stack([self.window_index(p) for p in range(first, first + count)], device)
+        positions = range(first, first + count)
+        return self._tensors([self.window(self.window_index(p), p // self.num_windows) for p in positions], device)
 
     def stack(self, indices: Iterable[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (len(indices), context_length) of the windows `indices`."""
-        rows = np.stack([self.window(int(i)) for i in indices])
-        tokens = torch.from_numpy(rows.astype(np.int64))
+        """Inputs and targets (len(indices), context_length) of the windows `indices` (as epoch 0 cuts them)."""
+        return self._tensors([self.window(int(i)) for i in indices], device)
+
+    @staticmethod
+    def _tensors(rows: list[np.ndarray], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
         if torch.device(device).type == "cuda":  # from pinned memory the copy need not wait for the GPU's queue
             tokens = tokens.pin_memory().to(device, non_blocking=True)
         else:
