@@ -233,7 +233,9 @@ def cpu_description() -> str:
     flags = set(info.get("flags", "").split())
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     native_bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no native bf16"
-    return f"{info.get('model name', 'unknown')} ({', '.join(shown) or 'no AVX2'}; {native_bf16})"
+    # "AMD EPYC" alone names a Zen 3, 4 or 5 alike; family and model tell them apart (AMD 25: Zen 3/4, 26: Zen 5)
+    family = f"family {info['cpu family']} model {info['model']}, " if "cpu family" in info and "model" in info else ""
+    return f"{info.get('model name', 'unknown')} ({family}{', '.join(shown) or 'no AVX2'}; {native_bf16})"
 
 
 if __name__ == "__main__":
