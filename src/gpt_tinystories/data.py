@@ -384,6 +384,7 @@ class TokenWindows:
         epoch, index = divmod(position, self.num_windows)
         return index if self.seed is None else int(self._order(epoch)[index])
 
+    @lru_cache(maxsize=2)  # noqa: B019 - as _order: asked once per window of a batch
     def offset(self, epoch: int) -> int:
         """Where epoch `epoch` starts cutting windows: 0, or with `shift` a draw from (seed, epoch)."""
         return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.context_length)) if self.shift else 0
