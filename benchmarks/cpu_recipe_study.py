@@ -60,6 +60,7 @@ R6 = {**R5, "d_model": 160, "n_head": 5, "lr": 7e-3, "warmup_steps": 100}  # rou
 R7 = {**R6, "d_model": 128, "n_head": 4}  # round 7's winner, which round 8 builds on
 R8 = {**R7, "min_lr_ratio": 0.0}  # round 8's winner, which round 9 builds on
 R9 = {**R8, "position": "rope"}  # round 9's winner, which round 10 builds on
+R10 = {**R9, "shift_windows": True}  # round 10's winner, which round 11 builds on
 ARMS: dict[str, dict] = {
     "base": {},
     "rope": {"position": "rope"},
@@ -155,7 +156,16 @@ ARMS: dict[str, dict] = {
     # Round 10, around round 9's winner (r9-rope) at the same budget: ~14 passes over the sample, and a real
     # 10-minute bf16 run's ~31 ended with its training loss at ~0.56 of the held-out one, so each pass cuts its
     # windows at a new offset (no cost in speed).
-    "r10-shift-windows": {**R9, "shift_windows": True},
+    "r10-shift-windows": R10,
+    # Round 11, around round 10's winner (r10-shift-windows, whose runs it reuses) at the same budget: levers
+    # left untried at this shape that the exports can still carry (transformers' Llama: RMSNorm + SwiGLU; GPT-NeoX
+    # with an untied LM head), two heads of 64 (fewer, larger attention calls), and the learning rate and weight
+    # decay again now that rotary positions and new offsets each pass changed what is learnt per step.
+    "r11-llama": {**R10, "norm": "rmsnorm", "activation": "swiglu"},
+    "r11-heads-2x64": {**R10, "n_head": 2},
+    "r11-untied": {**R10, "tied_embeddings": False},
+    "r11-lr-1e-2": {**R10, "lr": 1e-2},
+    "r11-wd-1.0": {**R10, "weight_decay": 1.0},
 }
 
 
@@ -180,33 +190,50 @@ def measure_speeds(args: argparse.Namespace) -> None:
     step, as train() does it. Token values do not change the speed, so the batches are random tokens of the
     arm's vocabulary with an end of story every 100-300 tokens (TinyStories' stories); no tokenizer is trained.
     An arm that differs from a timed one only in the learning-rate schedule or weight decay runs at its speed and is
-    not timed."""
+    not timed. With --against ARM a later round's arms are timed beside ARM instead (its shape is theirs, so their
+    ratios are less noisy than against base) and added to --out, which holds ARM's ratio to base already."""
     import torch
 
-    results = {"cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "load_before": os.getloadavg()[0], "arms": {}}  # fmt: skip
-    base, base_times = _Stepper("base"), []
-    for name in args.arms or ARMS:
-        timed = ["base", *(arm for arm, value in results["arms"].items() if "same_speed_as" not in value)]
+    reference, names = args.against or "base", args.arms or list(ARMS)
+    timing = {"cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
+              "load_before": os.getloadavg()[0]}  # fmt: skip
+    if args.against:  # a later round: its arms beside a recent winner whose speed --out already holds
+        results = json.loads(Path(args.out).read_text())
+        results[f"timed_against_{reference}"] = timing
+        scale = results["arms"][reference]["ratio_to_base"]
+    else:
+        results, scale = {**timing, "arms": {}}, 1.0
+    ref, ref_times = _Stepper(reference), []
+    for name in names:
+        timed = [
+            reference,
+            *(arm for arm, value in results["arms"].items() if arm in ARMS and "same_speed_as" not in value),
+        ]
         twin = next((arm for arm in timed if arm != name and _schedule_apart(name, arm)), None)
         if twin is not None:
             ratio = 1.0 if twin == "base" else results["arms"][twin]["ratio_to_base"]
             results["arms"][name] = {"same_speed_as": twin, "ratio_to_base": ratio}
             continue
         arm = _Stepper(name)
-        pairs = [(base.time(), arm.time()) for _ in range(args.warmup + args.steps)][args.warmup :]
-        # tokens/s of the arm over that of base in the same moment; > 1: the arm trains faster
-        ratio = statistics.median(arm.tokens / a / (base.tokens / b) for b, a in pairs)
-        base_times += [b for b, _ in pairs]
-        results["arms"][name] = {"ratio_to_base": ratio}
-        print(f"{name:<14} {ratio:5.2f}x base", flush=True)
-    base_speed = base.tokens / statistics.median(base_times) if base_times else None
-    for value in results["arms"].values():  # the base arm's median speed over the whole measurement
+        pairs = [(ref.time(), arm.time()) for _ in range(args.warmup + args.steps)][args.warmup :]
+        # tokens/s of the arm over that of the reference in the same moment; > 1: the arm trains faster
+        ratio = statistics.median(arm.tokens / a / (ref.tokens / b) for b, a in pairs)
+        ref_times += [b for b, _ in pairs]
+        results["arms"][name] = {"ratio_to_base": scale * ratio}
+        if args.against:
+            results["arms"][name][f"ratio_to_{reference}"] = ratio
+        print(f"{name:<14} {ratio:5.2f}x {reference}", flush=True)
+    # base's tokens/s, from the reference's median over the whole measurement
+    base_speed = ref.tokens / statistics.median(ref_times) / scale if ref_times else None
+    for name in names:
+        value = results["arms"][name]
         value["tokens_per_second"] = value["ratio_to_base"] * base_speed if base_speed else None
-    results["load_after"] = os.getloadavg()[0]
+    timing["load_after"] = os.getloadavg()[0]
+    if not args.against:
+        results["load_after"] = timing["load_after"]
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"{results['cpu']}, load average {results['load_before']:.1f} -> {results['load_after']:.1f} "
-          f"on {results['cores']} cores -> {args.out}")  # fmt: skip
+    print(f"{timing['cpu']}, load average {timing['load_before']:.1f} -> {timing['load_after']:.1f} "
+          f"on {timing['cores']} cores -> {args.out}")  # fmt: skip
 
 
 SCHEDULE_ONLY = {"lr", "schedule", "decay_fraction", "warmup_steps", "weight_decay", "min_lr_ratio"}
@@ -378,7 +405,7 @@ def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float
     rows.sort(key=lambda row: row[0])
     # arms are compared with the quick start's, or where it did not run, with the recipe a round builds on
     baselines = ("base", "ws-batch-4k", "r4-recipe", "r5-recipe", "r6-recipe", "r6-w160-lr-7e-3-warmup-100",
-                 "r7-w128", "r8-min-lr-0", "r9-rope")  # fmt: skip
+                 "r7-w128", "r8-min-lr-0", "r9-rope", "r10-shift-windows")  # fmt: skip
     against = next((name for name in baselines if name in by_arm), "base")
     base = next((row[0] for row in rows if row[1] == against), None)
     lines = [
@@ -424,6 +451,7 @@ def main() -> None:
     speeds.add_argument("--steps", type=int, default=3, help="timed steps per arm, each beside one of base")
     speeds.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     speeds.add_argument("--arms", nargs="*", choices=list(ARMS))
+    speeds.add_argument("--against", choices=list(ARMS), help="time beside this arm (in --out) instead")
     run = commands.add_parser("run", help="phase 2: every arm for its 10-minute budget, then the report")
     run.add_argument("results", help="folder for the runs and report.md")
     run.add_argument("--speeds", required=True, help="phase 1's speeds.json")
