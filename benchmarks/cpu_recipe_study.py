@@ -190,8 +190,8 @@ def measure_speeds(args: argparse.Namespace) -> None:
     step, as train() does it. Token values do not change the speed, so the batches are random tokens of the
     arm's vocabulary with an end of story every 100-300 tokens (TinyStories' stories); no tokenizer is trained.
     An arm that differs from a timed one only in the learning-rate schedule or weight decay runs at its speed and is
-    not timed. With --against ARM a later round's arms are timed beside ARM instead (its shape is theirs, so their
-    ratios are less noisy than against base) and added to --out, which holds ARM's ratio to base already."""
+    not timed. With --against ARM a later round's arms are timed beside ARM instead of base and added to --out,
+    which holds ARM's ratio to base already."""
     import torch
 
     reference, names = args.against or "base", args.arms or list(ARMS)
