@@ -167,7 +167,7 @@ ARMS: dict[str, dict] = {
     "r11-lr-1e-2": {**R10, "lr": 1e-2},
     "r11-wd-1.0": {**R10, "weight_decay": 1.0},
     # and dropout that keeps the fused CPU attention kernel, which lost at round 7's recipe (round 8) but gained
-    # 0.04 in a real 10-minute bf16 run of round 10's, whose ~24 passes memorise the sample
+    # 0.036 in a real 10-minute bf16 run of round 10's, whose ~30 passes memorise the sample
     "r11-dropout-0.1": {**R10, "dropout": 0.1, "attention_dropout": 0.0},
 }
 
@@ -204,8 +204,9 @@ def measure_speeds(args: argparse.Namespace) -> None:
         results = json.loads(Path(args.out).read_text())
         results[f"timed_against_{reference}"] = timing
         scale = results["arms"][reference]["ratio_to_base"]
-    else:
-        results, scale = {**timing, "arms": {}}, 1.0
+    else:  # the file is this timing and its arms
+        results, scale = timing, 1.0
+        results["arms"] = {}
     ref, ref_times = _Stepper(reference), []
     for name in names:
         timed = [
@@ -232,8 +233,6 @@ def measure_speeds(args: argparse.Namespace) -> None:
         value = results["arms"][name]
         value["tokens_per_second"] = value["ratio_to_base"] * base_speed if base_speed else None
     timing["load_after"] = os.getloadavg()[0]
-    if not args.against:
-        results["load_after"] = timing["load_after"]
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{timing['cpu']}, load average {timing['load_before']:.1f} -> {timing['load_after']:.1f} "
           f"on {timing['cores']} cores -> {args.out}")  # fmt: skip
