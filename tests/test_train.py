@@ -141,6 +141,23 @@ def test_the_run_dir_holds_everything_a_user_looks_for(tmp_path, tokenizer_file)
         assert set(checkpoint.load_meta(folder)["files"]) >= {"model.safetensors", "tokenizer.json"}
 
 
+def test_the_logged_speed_is_the_recent_one_not_slowed_by_an_evaluation(tmp_path, tokenizer_file, monkeypatch):
+    from gpt_tinystories.evaluate import Evaluator
+
+    evaluate = Evaluator.evaluate
+
+    def slow_evaluate(self, model):
+        time.sleep(1.0)
+        return evaluate(self, model)
+
+    monkeypatch.setattr(Evaluator, "evaluate", slow_evaluate)
+    train(tiny(tokenizer_file, max_steps=6, eval_every=3), tmp_path / "run", progress=False)
+    speeds = {r["step"]: r["tokens_per_second"] for r in records(tmp_path / "run", "train")}
+    # Averaged from the start, steps 4 and 5 would count step 3's 1-second evaluation (< 5 x 512 tokens/s);
+    # timed since the evaluation, a step of this model takes milliseconds.
+    assert min(speeds[4], speeds[5]) > 3000
+
+
 def test_a_damaged_checkpoint_is_refused_with_a_clear_error(tmp_path, tokenizer_file):
     train(tiny(tokenizer_file, max_steps=4, eval_every=4), tmp_path / "run", progress=False)
     folder = tmp_path / "run" / "checkpoints" / "step-000004"

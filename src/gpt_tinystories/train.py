@@ -234,8 +234,18 @@ class TrainState:
     val_loss: float | None = None  # the last evaluation's figures
     val_bpb: float | None = None
     sample: str | None = None
-    session_step: int = 0  # where this process started, for its tokens/s
-    session_start: float = field(default_factory=time.perf_counter)
+    rate_step: int = 0  # where the window of the logged tokens/s began: the last log, evaluation or checkpoint
+    rate_start: float = field(default_factory=time.perf_counter)
+
+    def restart_rate(self) -> None:
+        self.rate_step, self.rate_start = self.step, time.perf_counter()
+
+    def steps_per_second(self) -> float:
+        """Over the steps since the window began (so neither a compile at the start nor an evaluation counts),
+        then begin the next window."""
+        rate = (self.step - self.rate_step) / max(time.perf_counter() - self.rate_start, 1e-9)
+        self.restart_rate()
+        return rate
 
     def advance(self, bad: torch.Tensor, seconds: float) -> None:
         """Count a finished step; one whose update was skipped still counts (its batch is used up). Whether it was
@@ -412,7 +422,7 @@ def _loop(run: Run, state: TrainState, progress: bool) -> TrainResult:
         run.log.print(_describe(run, state))
         show = None if progress and world.is_main else True
         bar = tqdm(total=run.budget.total_steps, initial=state.step, unit="step", disable=show, leave=False)
-        state.session_step, state.session_start = state.step, time.perf_counter()
+        state.restart_rate()
         with contextlib.closing(bar):
             run.model.train()
             while True:
@@ -511,7 +521,7 @@ def _log_step(run: Run, state: TrainState, result: StepResult, bar: tqdm, settle
     stop = _settle(run, state) if logging or settle else None
     if logging:
         loss = run.world.mean(result.loss_sum).item() / run.accumulation
-        speed = (step - state.session_step) * run.tokens_per_step / (time.perf_counter() - state.session_start)
+        speed = state.steps_per_second() * run.tokens_per_step
         epoch = step * run.windows_per_step / len(run.train_windows)
         run.log.record({"kind": "train", "step": step, "tokens": step * run.tokens_per_step, "loss": loss,
                         "lr": result.lr, "grad_norm": result.grad_norm.item(), "skipped_steps": state.skipped,
@@ -552,6 +562,7 @@ def _report(run: Run, state: TrainState, evaluating: bool, checkpointing: bool) 
                                   step=state.step, tokens=state.step * run.tokens_per_step,
                                   train_seconds=state.train_seconds, skipped_steps=state.skipped,
                                   bad_steps_in_a_row=state.bad_in_a_row)  # fmt: skip
+        state.restart_rate()  # the time it took is not training's
     state.last_eval = state.step if evaluating else state.last_eval
     state.last_saved = state.step if checkpointing else state.last_saved
 
