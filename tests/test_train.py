@@ -18,7 +18,7 @@ from gpt_tinystories import checkpoint
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.errors import UserError
 from gpt_tinystories.model import GPT
-from gpt_tinystories.train import _Budget, choose_precision, learning_rate, make_optimizers, train
+from gpt_tinystories.train import _Budget, auto_dropout, choose_precision, learning_rate, make_optimizers, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,6 +200,64 @@ def test_budgets_in_steps_tokens_epochs_and_time():
     assert steps() == 10  # default: one epoch
     timed = _Budget(TrainConfig(max_time="2m", warmup_steps=0).resolved(), 1000, 10, 95)
     assert timed.total_steps is None and timed.progress(5, 60.0) == 0.5 and timed.done(5, 120.0)
+    # passes over the data: by steps, or by time at a measured speed, whichever limit comes first
+    assert timed.passes(0.5) == pytest.approx(240 * 10 / 95)
+    both = _Budget(TrainConfig(max_time="2m", max_steps=19).resolved(), 1000, 10, 95)
+    assert both.passes(0.5) == pytest.approx(2.0) and both.passes(60.0) == pytest.approx(20 / 95)
+
+
+def test_auto_dropout_is_none_for_a_few_passes_and_some_for_many():
+    # the measured points (docs/study-cpu-10min.md): ~13 passes better without, ~17 and ~30 better with 0.1
+    assert auto_dropout(13.0) == 0.0 and auto_dropout(16.0) == auto_dropout(30.0) == 0.1
+
+
+def test_auto_dropout_trains_as_the_dropout_it_chose_and_resumes_exactly(tmp_path, tokenizer_file, monkeypatch):
+    import gpt_tinystories.train as train_module
+
+    # 5 stories (less the held-out part) make 10 windows of 65 tokens, 8 per step: 12 steps are ~10 passes, 4 ~3
+    monkeypatch.setattr(train_module, "AUTO_DROPOUT_PASSES", 5)
+    data = str(sample("fixture-5-stories.txt"))
+    chosen = tiny(tokenizer_file, data=data, dropout=0.1)
+    train(chosen, tmp_path / "chosen", progress=False)
+    auto = tiny(tokenizer_file, data=data, dropout="auto")
+    train(auto, tmp_path / "auto", progress=False)
+    # the same weights and RNG stream as a run given 0.1: the same losses, to the bit
+    assert [r["loss"] for r in records(tmp_path / "auto", "train")] == [
+        r["loss"] for r in records(tmp_path / "chosen", "train")
+    ]
+    resolved = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert resolved["train"]["dropout"] == "auto" and resolved["model"]["dropout"] == 0.1
+    assert re.search(
+        r"dropout 0.1 \(auto: ~10 passes over the data planned\).* 10 training windows",
+        (tmp_path / "auto" / "train.log").read_text(),
+    )
+    resumed_from_step_8(auto, tmp_path / "resumed")
+    assert [r["loss"] for r in records(tmp_path / "resumed", "train")] == [
+        r["loss"] for r in records(tmp_path / "auto", "train")
+    ]
+    few = train(tiny(tokenizer_file, data=data, dropout="auto", max_steps=4, eval_every=4), tmp_path / "few",
+                progress=False)  # fmt: skip
+    assert json.loads((few.run_dir / "config.json").read_text())["model"]["dropout"] == 0.0
+    assert "dropout 0 (auto: ~3 passes over the data planned)" in (few.run_dir / "train.log").read_text()
+
+
+def test_auto_dropout_under_a_time_budget_counts_passes_at_the_measured_speed(tmp_path, tokenizer_file, monkeypatch):
+    import gpt_tinystories.train as train_module
+
+    timed = {}
+
+    def fake_time_rows(model, batch, device, candidates):
+        timed.update(candidates=candidates)
+        return dict.fromkeys(candidates, 0.5)  # 4 x 2 rows a step: 4 s
+
+    monkeypatch.setattr(train_module, "_time_rows", fake_time_rows)
+    config = tiny(tokenizer_file, data=str(sample("fixture-5-stories.txt")), dropout="auto", max_time="28s")
+    train(config, tmp_path / "run", progress=False)
+    assert timed["candidates"] == [("fp32", "fp32")]  # timed in the run's precision
+    # 28 s at 4 s a step are 7 steps (before max_steps' 12) of 8 windows, over the data's windows
+    log = (tmp_path / "run" / "train.log").read_text()
+    windows = int(re.search(r"([\d,]+) training windows", log)[1])
+    assert f"~{7 * 8 / windows:.0f} passes over the data planned" in log
 
 
 def test_weight_decay_applies_to_matrices_only():

@@ -300,14 +300,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     group = parser.add_argument_group("config values (override --config)")
     for field in fields(TrainConfig):
-        kind = next(t for t in (typing.get_args(hints[field.name]) or [hints[field.name]]) if t is not type(None))
+        kinds = [t for t in (typing.get_args(hints[field.name]) or [hints[field.name]]) if t is not type(None)]
+        kind = kinds[0]
         flag = "--" + field.name.replace("_", "-")
         text = _config_help(field.name, field.default).replace("%", "%%")  # argparse %-formats help
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=text)  # fmt: skip
             continue
-        group.add_argument(flag, dest=field.name, type=_typed(kind), default=argparse.SUPPRESS,
+        group.add_argument(flag, dest=field.name, type=_typed(kind, str in kinds), default=argparse.SUPPRESS,
                            metavar=kind.__name__.upper(), help=text)  # fmt: skip
 
 
@@ -317,7 +318,8 @@ def _config_help(name: str, default: object) -> str:
 
     allowed = {"preset": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
                **CHOICES, "tokenizer": ("gpt2", "bpe-N (trained on the data)", "a tokenizer.json path"),
-               "device": ("auto", "cpu", "cuda", "cuda:N", "mps")}  # fmt: skip
+               "device": ("auto", "cpu", "cuda", "cuda:N", "mps"),
+               "dropout": ("a number in [0, 1)", "auto (0.1 for a run of many passes over its data)")}  # fmt: skip
     when_unset = {
         "val_data": "the hub's validation split, or the last val_fraction of local data",
         "init_from": "random weights; else a run dir, checkpoint folder or transformers model",
@@ -353,11 +355,16 @@ def _preset_table() -> str:
     return "\n".join(lines)
 
 
-def _typed(kind: type):
+def _typed(kind: type, or_word: bool = False):
+    """A parser for a flag of `kind`; with `or_word`, text that is not a number passes as a string, for the
+    config to check (dropout: a number or auto)."""
+
     def parse(text: str):
         try:
             return kind(text)
         except ValueError:
+            if or_word:
+                return text
             kind_name = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {kind_name}, got {text!r}") from None
 

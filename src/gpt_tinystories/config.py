@@ -197,7 +197,9 @@ class TrainConfig:
     d_model: int | None = None
     n_layer: int | None = None
     n_head: int | None = None
-    dropout: float = 0.0
+    # On the embeddings and each block's output; "auto": none for a run of a few passes over its data, 0.1 for
+    # one of many (chosen at its start, by its budget and the measured speed: see train.auto_dropout)
+    dropout: float | str = 0.0
     attention_dropout: float | None = None  # None: as dropout
     # model variants (see ModelConfig); None keeps GPT-2's choice
     position: str | None = None
@@ -298,6 +300,8 @@ class TrainConfig:
         for name in ("beta1", "beta2", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if isinstance(self.dropout, str) and self.dropout != "auto":
+            raise UserError(f"dropout must be a number in [0, 1) or auto, got {self.dropout!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
@@ -314,9 +318,14 @@ class TrainConfig:
         delimits stories for document_mask."""
         model_fields = {f.name for f in fields(ModelConfig)}
         overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name in model_fields}
+        overrides.update(self.dropouts())
         if self.document_mask:
             overrides["eos_id"] = eos_id
         return ModelConfig.from_preset(self.preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
+
+    def dropouts(self) -> dict[str, float | None]:
+        """The model's dropout fields; "auto" is none until training chooses."""
+        return {"dropout": 0.0 if self.dropout == "auto" else self.dropout, "attention_dropout": self.attention_dropout}
 
 
 def parse_duration(text: str) -> float:

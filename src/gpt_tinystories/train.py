@@ -37,6 +37,7 @@ from .runtime import autocast_for, keep_freed_memory, peak_memory_mb
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 BPE_TRAINING_CHARS = 200_000_000  # a 4096-token BPE needs far less text than the whole dataset
+AUTO_DROPOUT, AUTO_DROPOUT_PASSES = 0.1, 15  # see auto_dropout
 
 
 @dataclass
@@ -83,24 +84,41 @@ def choose_precision(requested: str, device: torch.device, model: GPT,
         return requested, requested  # off a CPU, attention follows autocast
     candidates = [("fp32", "fp32")] if requested == "auto" else []
     candidates += [("bf16", "bf16"), ("bf16", "fp32")]
+    best = _time_rows(model, batch, device, candidates)
+    bf16 = min(candidates[-2:], key=best.__getitem__)
+    if requested == "auto" and best[bf16] >= 0.9 * best["fp32", "fp32"]:
+        return "fp32", "fp32"
+    return bf16
+
+
+def _time_rows(model: GPT, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+               candidates: list[tuple[str, str]]) -> dict[tuple[str, str], float]:  # fmt: skip
+    """Seconds per row of forward + backward over (up to) 4 rows of `batch`, for each (precision, attention
+    precision): the best of three alternating rounds after a warm-up (within a few % of each other, one timing
+    each flipped the choice). Leaves no trace: no gradients, no RNG draws."""
     inputs, targets = (t[:4].to(device) for t in batch)
     timings: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
-    with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift the run's RNG stream
-        for _ in range(4):  # alternating rounds, the first a warm-up; the best of the other three (within a
-            for precision, attention in candidates:  # few % of each other, one timing each flipped the choice)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for _ in range(4):
+            for precision, attention in candidates:
                 model.cpu_attention_fp32 = attention == "fp32"
                 started = time.perf_counter()
                 with autocast_for(device, precision):
                     loss = model.loss(inputs, targets)
                 loss.backward()
-                timings[precision, attention].append(time.perf_counter() - started)
-    best = {candidate: min(times[1:]) for candidate, times in timings.items()}
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings[precision, attention].append((time.perf_counter() - started) / len(inputs))
     model.zero_grad(set_to_none=True)
     model.cpu_attention_fp32 = True
-    bf16 = min(candidates[-2:], key=best.__getitem__)
-    if requested == "auto" and best[bf16] >= 0.9 * best["fp32", "fp32"]:
-        return "fp32", "fp32"
-    return bf16
+    return {candidate: min(times[1:]) for candidate, times in timings.items()}
+
+
+def auto_dropout(passes: float) -> float:
+    """What `dropout = "auto"` becomes for a run planned to pass over its training data `passes` times: none
+    for a few passes, AUTO_DROPOUT once the model starts to memorise the text. Measured on the 10-minute recipe
+    (docs/study-cpu-10min.md, Dropout by passes): 0.1 lost at ~13 passes, gained 0.010 at ~17, 0.033-0.036 at ~30."""
+    return AUTO_DROPOUT if passes >= AUTO_DROPOUT_PASSES else 0.0
 
 
 def make_optimizers(model: GPT, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -157,6 +175,7 @@ class _Budget:
         self.total_steps = min(limits) if limits else None
         self.max_seconds = parse_duration(config.max_time) if config.max_time is not None else None
         self.warmup = config.warmup_steps
+        self.windows_per_step, self.num_windows = windows_per_step, num_windows
 
     def progress(self, step: int, seconds: float) -> float:
         """Fraction of the decay phase done: by steps, or by wall time for a time-only budget."""
@@ -164,6 +183,14 @@ class _Budget:
         if self.total_steps is not None:
             parts.append((step - self.warmup) / max(self.total_steps - self.warmup, 1))
         return max(parts)
+
+    def passes(self, seconds_per_step: float | None) -> float:
+        """How many times the run will pass over its training data: by its step limit, or by its time limit at
+        `seconds_per_step`, whichever comes first."""
+        steps = [self.total_steps] if self.total_steps is not None else []
+        if self.max_seconds is not None and seconds_per_step:
+            steps.append(self.max_seconds / seconds_per_step)
+        return min(steps, default=math.inf) * self.windows_per_step / self.num_windows
 
     def done(self, step: int, seconds: float) -> bool:
         return (self.total_steps is not None and step >= self.total_steps) or (
@@ -213,6 +240,7 @@ class Run:
     precision: str
     attention_precision: str  # what attention runs in under `precision` (see choose_precision)
     autocast: contextlib.AbstractContextManager
+    planned_passes: float | None  # with dropout "auto": the passes over the data its choice was made for
     log: RunLog | _Silent
 
     @property
@@ -316,9 +344,10 @@ def _set_up(
     if meta is not None:  # where the checkpoint left off
         state = TrainState(step=meta.step, train_seconds=meta.train_seconds, skipped=meta.skipped_steps,
                            bad_in_a_row=meta.bad_steps_in_a_row, last_saved=meta.step)  # fmt: skip
-    model, (precision, attention_precision), optimizer_state = _build_model(
-        config, model_config, init_model, checkpointer, world, train_windows
+    model, (precision, attention_precision), optimizer_state, planned_passes = _build_model(
+        config, model_config, init_model, checkpointer, world, train_windows, budget, accumulation
     )
+    model_config = model.config  # with the dropout "auto" chose
     if config.optimizer == "muon" and config.fsdp and world.distributed:
         raise UserError("--optimizer muon orthogonalises whole matrices, which FSDP shards; use DDP (drop --fsdp)")
     loss_fn = DataParallelLoss(model, world, fsdp=config.fsdp, compile=config.compile)  # shards under FSDP
@@ -332,7 +361,7 @@ def _set_up(
     checkpointer.start(config, model_config, (precision, attention_precision), tokenizer, world.device)
     run = Run(config, run_dir, world, tokenizer, model, eval_model, loss_fn, optimizers, train_windows, evaluator,
               checkpointer, budget, accumulation, windows_per_step, precision, attention_precision, autocast,
-              _Silent())  # fmt: skip
+              planned_passes, _Silent())  # fmt: skip
     if world.is_main:  # only now touch the run dir, and only from rank 0
         run.log = _start_run_dir(run, meta.step if meta else None)
     return run, state
@@ -344,8 +373,7 @@ def _model_source(config: TrainConfig, checkpointer: Checkpointer) -> tuple[Toke
         return checkpointer.resumed_tokenizer(), checkpointer.resumed.model_config, None
     if config.init_from is not None:
         init_model, tokenizer, _ = checkpoint.load_model(config.init_from)
-        dropouts = {"dropout": config.dropout, "attention_dropout": config.attention_dropout}
-        return tokenizer, replace(init_model.config, **dropouts), init_model
+        return tokenizer, replace(init_model.config, **config.dropouts()), init_model
     tokenizer = load_tokenizer(config.tokenizer, config.data)
     return tokenizer, config.model_config(tokenizer.vocab_size, tokenizer.eos_id), None
 
@@ -384,22 +412,38 @@ def _accumulation(config: TrainConfig, world: Distributed, num_windows: int) -> 
 
 
 def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT | None, checkpointer: Checkpointer,
-                 world: Distributed, train_windows: TokenWindows,
-                 ) -> tuple[GPT, tuple[str, str], dict | None]:  # fmt: skip
+                 world: Distributed, train_windows: TokenWindows, budget: _Budget, accumulation: int,
+                 ) -> tuple[GPT, tuple[str, str], dict | None, float | None]:  # fmt: skip
     """The model (initialised from the seed, then given the resumed or initial weights), its precision and its
-    attention's (see choose_precision), and the optimizer state to restore (None for a new run)."""
-    torch.manual_seed(config.seed)
-    model = GPT(model_config).to(world.device)
-    if init_model is not None:
-        model.load_state_dict(init_model.state_dict())
-    if checkpointer.resumed is not None:
+    attention's (see choose_precision), the optimizer state to restore (None for a new run), and for a new run
+    with `dropout = "auto"` the passes over the data its dropout was chosen for."""
+
+    def build(model_config: ModelConfig) -> GPT:
+        torch.manual_seed(config.seed)
+        model = GPT(model_config).to(world.device)
+        if init_model is not None:
+            model.load_state_dict(init_model.state_dict())
+        return model
+
+    model, passes = build(model_config), None
+    if checkpointer.resumed is not None:  # its model config holds the dropout it was given
         precisions, optimizer_state = checkpointer.resumed.precisions, checkpointer.restore(model)
     else:
         batch = train_windows.batch(0, config.batch_size)  # every rank must compute alike: rank 0's measurement
         precisions = world.broadcast(choose_precision(config.precision, world.device, model, batch))
         optimizer_state = None
+        if config.dropout == "auto":
+            seconds_per_step = None
+            if budget.max_seconds is not None:
+                seconds_per_row = _time_rows(model, batch, world.device, [precisions])[precisions]
+                seconds_per_step = seconds_per_row * accumulation * config.batch_size
+            passes = world.broadcast(budget.passes(seconds_per_step))
+            dropout = auto_dropout(passes)
+            attention_dropout = dropout if config.attention_dropout is None else config.attention_dropout
+            if dropout:  # built again from the same seed: the same weights, now with dropout
+                model = build(replace(model_config, dropout=dropout, attention_dropout=attention_dropout))
     model.cpu_attention_fp32 = precisions[1] == "fp32"
-    return model, precisions, optimizer_state
+    return model, precisions, optimizer_state, passes
 
 
 def _start_run_dir(run: Run, resume_step: int | None) -> RunLog:
@@ -500,10 +544,14 @@ def _describe(run: Run, state: TrainState) -> str:
     attention = f" (attention {run.attention_precision})" if run.attention_precision != run.precision else ""
     scored, windows = evaluator.windows_scored, len(evaluator.windows)
     spread = " spread evenly (eval: all)" if scored < windows else ""
+    dropout = f", dropout {model.config.dropout:g}" if model.config.dropout or run.planned_passes is not None else ""
+    if run.planned_passes is not None:
+        dropout += f" (auto: ~{run.planned_passes:.0f} passes over the data planned)"
     return (
         f"{verb} {state.step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
         f"{model.num_parameters(True):,} non-embedding), tokenizer {run.tokenizer.name} "
-        f"({run.tokenizer.vocab_size}), {run.world.device} {run.precision}{attention}{run.loss_fn.describe()}, "
+        f"({run.tokenizer.vocab_size}), {run.world.device} {run.precision}{attention}{run.loss_fn.describe()}"
+        f"{dropout}, "
         f"{run.tokens_per_step:,} tokens/step ({config.batch_size}x{config.context_length} x {run.accumulation} "
         f"accumulation), {len(run.train_windows):,} training windows, validation on {scored:,} of {windows:,} "
         f"windows{spread}, budget {run.budget.total_steps or '-'} steps"
