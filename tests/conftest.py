@@ -67,3 +67,27 @@ def bpe():
     from gpt_tinystories.tokenizer import Tokenizer
 
     return Tokenizer.train(iter_stories(sample("train-head.txt")), 4096)
+
+
+# The served model of the server tests (test_serve.py, test_serve_openai.py): a tiny checkpoint, loaded once per
+# module, and a real server on loopback with the module's own `LIMITS`.
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, bpe, request):
+    from playground import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp(request.module.__name__) / "tiny", bpe)
+
+
+@pytest.fixture(scope="module")
+def teller(checkpoint_dir):
+    from gpt_tinystories import load
+
+    return load(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def url(teller, request):
+    from gpt_tinystories import serve
+
+    with serve.running(serve.create_app(teller, request.module.LIMITS)) as address:
+        yield address

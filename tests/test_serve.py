@@ -13,28 +13,12 @@ from contextlib import ExitStack
 import httpx
 import pytest
 import torch
-from playground import STEP, save_tiny_checkpoint, wait_until_idle
+from playground import STEP, wait_until_idle
 
-from gpt_tinystories import load, serve
+from gpt_tinystories import serve
 from gpt_tinystories.generate import Sampling, generate
 
 LIMITS = serve.Limits(max_prompt_chars=300, max_new_tokens=5000, max_samples=3, max_queue=8)
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory, bpe):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", bpe)
-
-
-@pytest.fixture(scope="module")
-def teller(checkpoint_dir):
-    return load(checkpoint_dir)
-
-
-@pytest.fixture(scope="module")
-def url(teller):
-    with serve.running(serve.create_app(teller, LIMITS)) as address:
-        yield address
 
 
 def stream_events(response: httpx.Response):

@@ -11,27 +11,11 @@ import httpx
 import openai
 import pytest
 import torch
-from playground import save_tiny_checkpoint, wait_until_idle
+from playground import wait_until_idle
 
-from gpt_tinystories import load, serve
+from gpt_tinystories import serve
 
 LIMITS = serve.Limits(max_prompt_chars=300, max_new_tokens=600, max_samples=3, max_queue=8, max_batch=8)
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory, bpe):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("openai") / "tiny", bpe)
-
-
-@pytest.fixture(scope="module")
-def teller(checkpoint_dir):
-    return load(checkpoint_dir)
-
-
-@pytest.fixture(scope="module")
-def url(teller):
-    with serve.running(serve.create_app(teller, LIMITS)) as address:
-        yield address
 
 
 def client(url: str, key: str = "none") -> openai.OpenAI:
