@@ -207,7 +207,7 @@ def test_budgets_in_steps_tokens_epochs_and_time():
 
 
 def test_auto_dropout_is_none_for_a_few_passes_and_some_for_many():
-    # the measured points (docs/study-cpu-10min.md): ~13 passes better without, ~17 and ~30 better with 0.1
+    # the measured points (docs/study-cpu-10min.md): ~9 and ~13 passes better without, ~17 and ~30 with 0.1
     assert auto_dropout(13.0) == 0.0 and auto_dropout(16.0) == auto_dropout(30.0) == 0.1
 
 

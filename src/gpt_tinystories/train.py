@@ -117,7 +117,8 @@ def _time_rows(model: GPT, batch: tuple[torch.Tensor, torch.Tensor], device: tor
 def auto_dropout(passes: float) -> float:
     """What `dropout = "auto"` becomes for a run planned to pass over its training data `passes` times: none
     for a few passes, AUTO_DROPOUT once the model starts to memorise the text. Measured on the 10-minute recipe
-    (docs/study-cpu-10min.md, Dropout by passes): 0.1 lost at ~13 passes, gained 0.010 at ~17, 0.033-0.036 at ~30."""
+    (docs/study-cpu-10min.md, Dropout by passes): 0.1 lost at ~9 and ~13 passes, gained 0.010-0.014 at ~17 and
+    0.033-0.036 at ~30."""
     return AUTO_DROPOUT if passes >= AUTO_DROPOUT_PASSES else 0.0
 
 
