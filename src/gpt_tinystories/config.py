@@ -59,7 +59,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_layers", tuple(self.local_layers))  # JSON gives a list
-        if self.attention_dropout is None:  # configs saved before the field existed meant `dropout` everywhere
+        if self.attention_dropout is None:  # as dropout (what configs saved before the field existed meant)
             object.__setattr__(self, "attention_dropout", self.dropout)
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "context_length"):
             value = getattr(self, name)

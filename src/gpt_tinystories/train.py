@@ -439,10 +439,9 @@ def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT
                 seconds_per_row = _time_rows(model, batch, world.device, [precisions])[precisions]
                 seconds_per_step = seconds_per_row * accumulation * config.batch_size
             passes = world.broadcast(budget.passes(seconds_per_step))
-            dropout = auto_dropout(passes)
-            attention_dropout = dropout if config.attention_dropout is None else config.attention_dropout
-            if dropout:  # built again from the same seed: the same weights, now with dropout
-                model = build(replace(model_config, dropout=dropout, attention_dropout=attention_dropout))
+            if dropout := auto_dropout(passes):  # built again from the same seed: the same weights, now with dropout
+                # (attention_dropout None is ModelConfig's "as dropout")
+                model = build(replace(model_config, dropout=dropout, attention_dropout=config.attention_dropout))
     model.cpu_attention_fp32 = precisions[1] == "fp32"
     return model, precisions, optimizer_state, passes
 
