@@ -7,6 +7,13 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# pytest-xdist runs the suite in one worker per core (pyproject's addopts; `pytest -n 0` runs it in one process):
+# each worker, and the subprocesses it starts, gets its share of the cores, or every worker's torch would take them
+# all and the threads contend. On 2 cores it halves the suite's time: most tests wait on subprocesses.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
 # Test-only fault injection reaches the subprocesses that tests start through a `sitecustomize` module on
 # PYTHONPATH (see fault_injection/sitecustomize.py); production code carries no hook. The crash tests name its
 # variable as `checkpoint.KILL_IN_SAVE_ENV`, where the hook used to live, so that name is provided here.
@@ -23,6 +30,13 @@ def _name_the_fault_variable() -> None:
 
 
 _name_the_fault_variable()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """The cores this process may use (psutil, where installed, would count physical cores: 1 on a 2-vCPU VM), at
+    most 8: the suite has ~35 files, and each worker holds its own torch."""
+    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", 0)) or min(8, len(os.sched_getaffinity(0)))
+
 
 SAMPLE_DIR = Path(
     os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories")
