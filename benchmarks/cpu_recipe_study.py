@@ -169,6 +169,11 @@ ARMS: dict[str, dict] = {
     # and dropout that keeps the fused CPU attention kernel, which lost at round 7's recipe (round 8) but gained
     # 0.036 in a real 10-minute bf16 run of round 10's, whose ~30 passes memorise the sample
     "r11-dropout-0.1": {**R10, "dropout": 0.1, "attention_dropout": 0.0},
+    # Round 13, at a Zen 3's budget (~1,000 steps of round 10's recipe, round 12's runs reused): levers that trade
+    # tokens for steps or capacity, which earlier rounds judged at 1.5-8x more steps: 96 wide (level with 128 at
+    # round 7's budget, faster per token) and 2,048 tokens per step (twice the updates; level at round 2's).
+    "r13-w96": {**R10, "d_model": 96, "n_head": 3},
+    "r13-batch-2k": {**R10, "batch_size": 8, "tokens_per_step": 2048, "warmup_steps": 200},
 }
 
 
