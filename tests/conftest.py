@@ -9,10 +9,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 # pytest-xdist runs the suite in one worker per core (pyproject's addopts; `pytest -n 0` runs it in one process):
 # each worker, and the subprocesses it starts, gets its share of the cores, or every worker's torch would take them
-# all and the threads contend. On 2 cores it halves the suite's time: most tests wait on subprocesses.
+# all and the threads contend. On 2 cores it cuts the suite's time by ~40%: much of it is subprocesses starting up.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
 
 # Test-only fault injection reaches the subprocesses that tests start through a `sitecustomize` module on
 # PYTHONPATH (see fault_injection/sitecustomize.py); production code carries no hook. The crash tests name its
@@ -35,7 +36,7 @@ _name_the_fault_variable()
 def pytest_xdist_auto_num_workers(config) -> int:
     """The cores this process may use (psutil, where installed, would count physical cores: 1 on a 2-vCPU VM), at
     most 8: the suite has ~35 files, and each worker holds its own torch."""
-    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", 0)) or min(8, len(os.sched_getaffinity(0)))
+    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", 0)) or min(8, _CORES)
 
 
 SAMPLE_DIR = Path(
