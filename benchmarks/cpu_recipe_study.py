@@ -176,7 +176,8 @@ ARMS: dict[str, dict] = {
     "r13-batch-2k": {**R10, "batch_size": 8, "tokens_per_step": 2048, "warmup_steps": 200},
     # Round 14, around round 13's winner (r13-w96, whose runs it reuses) at a Zen 3's budget: a fifth layer (the
     # capacity 96 wide gave up, for some of its speed), and Adam's second moment averaged over more steps (beta2
-    # 0.99), which small batches favour (nanoGPT's small configs take it): 4,096 tokens per step is 16 windows.
+    # 0.99), which small batches favour (nanoGPT's small configs take it): 4,096 tokens per step is 16 windows;
+    # and weight decay either side of 0.6, for a model this narrow.
     "r14-w96-l5": {**R10, "d_model": 96, "n_head": 3, "n_layer": 5},
     "r14-w96-beta2-0.99": {**R10, "d_model": 96, "n_head": 3, "beta2": 0.99},
     "r14-w96-wd-1.0": {**R10, "d_model": 96, "n_head": 3, "weight_decay": 1.0},
@@ -204,9 +205,9 @@ def measure_speeds(args: argparse.Namespace) -> None:
     by more than the arms differ): fp32, forward + backward of each micro-batch and one optimizer update per
     step, as train() does it. Token values do not change the speed, so the batches are random tokens of the
     arm's vocabulary with an end of story every 100-300 tokens (TinyStories' stories); no tokenizer is trained.
-    An arm that differs from a timed one only in the learning-rate schedule or weight decay runs at its speed and is
-    not timed. With --against ARM a later round's arms are timed beside ARM instead of base and added to --out,
-    which holds ARM's ratio to base already."""
+    An arm that differs from a timed one only in the learning-rate schedule, weight decay or Adam's betas runs at
+    its speed and is not timed. With --against ARM a later round's arms are timed beside ARM instead of base and
+    added to --out, which holds ARM's ratio to base already."""
     import torch
 
     reference, names = args.against or "base", args.arms or list(ARMS)
@@ -250,13 +251,13 @@ def measure_speeds(args: argparse.Namespace) -> None:
           f"on {timing['cores']} cores -> {args.out}")  # fmt: skip
 
 
-SCHEDULE_ONLY = {"lr", "schedule", "decay_fraction", "warmup_steps", "weight_decay", "min_lr_ratio", "beta1", "beta2"}
+COST_FREE = {"lr", "schedule", "decay_fraction", "warmup_steps", "weight_decay", "min_lr_ratio", "beta1", "beta2"}
 
 
 def _schedule_apart(arm: str, other: str) -> bool:
     """Whether two arms differ only in settings that leave a step's cost alone (their speeds are one)."""
     a, b = arm_config(arm), arm_config(other)
-    return {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)} <= SCHEDULE_ONLY
+    return {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)} <= COST_FREE
 
 
 class _Stepper:
