@@ -144,7 +144,9 @@ def test_the_api_key_is_required_when_set(teller):
 def test_over_capacity_answers_503_with_retry_after(teller):
     limits = serve.Limits(max_new_tokens=5000, max_queue=1, max_batch=1)
     with serve.running(serve.create_app(teller, limits)) as url:
-        long = {"model": "tiny", "prompt": "Long", "max_tokens": 5000, "stream": True}
+        # seed 2: the tiny model's story from "Long" runs to the limit; unseeded it may end (EOS) within ~1,000
+        # tokens, and the slot it frees would take the third request instead of refusing it
+        long = {"model": "tiny", "prompt": "Long", "max_tokens": 5000, "stream": True, "seed": 2, "temperature": 1.0}
         with httpx.stream("POST", url + "v1/completions", json=long), httpx.stream("POST", url + "v1/completions",
                                                                                     json=long):  # fmt: skip
             deadline = time.monotonic() + 10
