@@ -226,7 +226,7 @@ def measure_speeds(args: argparse.Namespace) -> None:
             reference,
             *(arm for arm, value in results["arms"].items() if arm in ARMS and "same_speed_as" not in value),
         ]
-        twin = next((arm for arm in timed if arm != name and _schedule_apart(name, arm)), None)
+        twin = next((arm for arm in timed if arm != name and _same_cost(name, arm)), None)
         if twin is not None:
             ratio = 1.0 if twin == "base" else results["arms"][twin]["ratio_to_base"]
             results["arms"][name] = {"same_speed_as": twin, "ratio_to_base": ratio}
@@ -254,7 +254,7 @@ def measure_speeds(args: argparse.Namespace) -> None:
 COST_FREE = {"lr", "schedule", "decay_fraction", "warmup_steps", "weight_decay", "min_lr_ratio", "beta1", "beta2"}
 
 
-def _schedule_apart(arm: str, other: str) -> bool:
+def _same_cost(arm: str, other: str) -> bool:
     """Whether two arms differ only in settings that leave a step's cost alone (their speeds are one)."""
     a, b = arm_config(arm), arm_config(other)
     return {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)} <= COST_FREE
