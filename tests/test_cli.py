@@ -95,3 +95,25 @@ def test_bad_input_gives_one_line_exit_2_and_changes_nothing(args, message, tmp_
 def test_debug_shows_the_traceback(tmp_path):
     code, _, err = run_cli("--debug", "prepare", "--data", tmp_path / "missing.txt")
     assert code != 0 and "Traceback" in err and "UserError" in err
+
+
+def test_train_says_whether_its_story_ended_by_itself(tmp_path, capsys, monkeypatch):
+    """The story printed at the end is cut at --sample-tokens or ends with EOS; the user is told which, and the
+    EOS marker itself is not printed as text."""
+    from gpt_tinystories.evaluate import Evaluator
+    from gpt_tinystories.tokenizer import EOS
+
+    args = ["train", "--preset", "1M", "--d-model", "32", "--n-layer", "1", "--n-head", "4", "--context-length", "32",
+            "--batch-size", "2", "--tokens-per-step", "64", "--max-steps", "1", "--tokenizer", "bpe-300",
+            "--precision", "fp32", "--sample-tokens", "3", "--data", str(sample("fixture-5-stories.txt"))]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 0
+    heading, story = capsys.readouterr().out.split("\n\n", 1)[1].splitlines()
+    assert heading == "A story it wrote (cut at the 3-token limit before it ended; --sample-tokens sets the limit):"
+    assert story.startswith("One day, a little girl named Lily") and story.endswith(" [...]")
+
+    monkeypatch.setattr(Evaluator, "sample", lambda *_: f"Once upon a time.{EOS}")
+    assert main([*args, "--out", str(tmp_path / "ended")]) == 0
+    assert capsys.readouterr().out.split("\n\n", 1)[1].splitlines() == [
+        "A story it wrote (it ended by itself):",
+        "Once upon a time.",
+    ]

@@ -278,8 +278,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.rank != 0:
         return 0
     print(f"done: step {result.step}, {result.tokens:,} tokens, val loss {result.val_loss:.4f}, "
-          f"{result.val_bpb:.4f} bits/byte -> {result.run_dir}\n\nA story it wrote:\n{result.sample}")  # fmt: skip
+          f"{result.val_bpb:.4f} bits/byte -> {result.run_dir}\n")  # fmt: skip
+    print(_story_report(result.sample, config.sample_tokens))
     return 0
+
+
+def _story_report(sample: str, limit: int) -> str:
+    """The run's sample story, saying whether it ended by itself (with EOS) or was cut at `limit` tokens."""
+    from .tokenizer import EOS
+
+    if sample.endswith(EOS):
+        return f"A story it wrote (it ended by itself):\n{sample.removesuffix(EOS)}"
+    return (f"A story it wrote (cut at the {limit}-token limit before it ended; --sample-tokens sets the limit):\n"
+            f"{sample} [...]")  # fmt: skip
 
 
 def _config_names() -> list[str]:
@@ -477,7 +488,7 @@ def _add_generate_verb(verbs: argparse._SubParsersAction) -> None:
         help="a run dir, a checkpoint folder, or a transformers GPT-2/GPT-Neo/GPT-NeoX folder or hub id",
     )
     p.add_argument("--prompt", default="", help="the start of the story (empty: a new story)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=1000, help="a cap: stories stop at their end")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     p.add_argument("--top-k", type=_positive_int)
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")

@@ -163,7 +163,7 @@ class Storyteller:
     def stream(
         self,
         prompt: str = "",
-        max_new_tokens: int = 200,
+        max_new_tokens: int = 1000,  # a cap, not a length: a story stops at its end (EOS)
         temperature: float = 0.8,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -188,7 +188,7 @@ class Storyteller:
     def generate(
         self,
         prompt: str = "",
-        max_new_tokens: int = 200,
+        max_new_tokens: int = 1000,  # a cap, not a length: a story stops at its end (EOS)
         temperature: float = 0.8,
         top_k: int | None = None,
         top_p: float | None = None,
