@@ -245,3 +245,8 @@ def test_serve_command_errors_are_one_line(args, message, checkpoint_dir, tmp_pa
         out, err = process.communicate(timeout=60)
     assert process.returncode == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert message in err
+
+
+def test_a_request_asks_by_default_for_the_servers_cap_since_a_story_stops_at_its_end():
+    body = serve.request_model(serve.Limits(max_new_tokens=700))()
+    assert body.max_new_tokens == 700 and body.temperature == 0.8 and body.n == 1

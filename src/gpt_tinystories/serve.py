@@ -70,7 +70,7 @@ def request_model(limits: Limits) -> type[BaseModel]:
         model_config = ConfigDict(extra="forbid")
 
         prompt: str = Field("", max_length=limits.max_prompt_chars, description="the start of the story")
-        max_new_tokens: int = Field(min(200, limits.max_new_tokens), ge=1, le=limits.max_new_tokens)
+        max_new_tokens: int = Field(limits.max_new_tokens, ge=1, le=limits.max_new_tokens, description="a cap")
         temperature: float = Field(0.8, ge=0, allow_inf_nan=False, description="0 is greedy")
         top_k: int | None = Field(None, ge=1)
         top_p: float | None = Field(None, gt=0, le=1)
