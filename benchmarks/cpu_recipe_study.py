@@ -215,7 +215,6 @@ def measure_speeds(args: argparse.Namespace) -> None:
               "load_before": os.getloadavg()[0]}  # fmt: skip
     if args.against:  # a later round: its arms beside a recent winner whose speed --out already holds
         results = json.loads(Path(args.out).read_text())
-        results[f"timed_against_{reference}"] = timing
         scale = results["arms"][reference]["ratio_to_base"]
     else:  # the file is this timing and its arms
         results, scale = timing, 1.0
@@ -242,9 +241,14 @@ def measure_speeds(args: argparse.Namespace) -> None:
         print(f"{name:<14} {ratio:5.2f}x {reference}", flush=True)
     # base's tokens/s, from the reference's median over the whole measurement
     base_speed = ref.tokens / statistics.median(ref_times) / scale if ref_times else None
+    if args.against and ref_times:  # arms all same-cost twins leave an earlier timing's record alone
+        results[f"timed_against_{reference}"] = timing
     for name in names:
         value = results["arms"][name]
-        value["tokens_per_second"] = value["ratio_to_base"] * base_speed if base_speed else None
+        if base_speed:
+            value["tokens_per_second"] = value["ratio_to_base"] * base_speed
+        else:  # nothing timed now, so every arm is a twin of one timed before
+            value["tokens_per_second"] = results["arms"].get(value["same_speed_as"], {}).get("tokens_per_second")
     timing["load_after"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"{timing['cpu']}, load average {timing['load_before']:.1f} -> {timing['load_after']:.1f} "
