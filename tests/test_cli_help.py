@@ -42,7 +42,8 @@ def test_train_help_ends_with_the_per_preset_defaults(capsys):
 
 def test_every_verb_shows_its_flags_defaults(capsys):
     flat = " ".join(help_text(capsys, "generate").split())
-    assert "--max-new-tokens MAX_NEW_TOKENS (default: 200)" in flat and "--device DEVICE (default: auto)" in flat
+    assert "--max-new-tokens MAX_NEW_TOKENS a cap: stories stop at their end (default: 1000)" in flat
+    assert "--device DEVICE (default: auto)" in flat
     assert "0 is greedy (default: 0.8)" in flat and flat.count("(default: 0.8)") == 1  # not repeated
     flat = " ".join(help_text(capsys, "eval").split())
     assert "--batch-size BATCH_SIZE (default: 16)" in flat and "--json print the figures as JSON" in flat
