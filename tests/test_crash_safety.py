@@ -198,6 +198,8 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tokenizer_
     sent = time.time()
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
-    assert time.time() - sent < 3
+    # At once: the step it interrupts has ~2 minutes left (~17k tokens/s on a Zen 3); the exit itself took 3.2 s in a
+    # CI run with the other worker busy, so 3 s was a flake, not a bound.
+    assert time.time() - sent < 10
     assert process.returncode == 130 and err.strip().splitlines()[-1] == "gpt-tinystories: interrupted", err
     assert "checkpoint saved" not in out and checkpoint.latest(tmp_path / "run") is None
