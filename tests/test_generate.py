@@ -4,6 +4,7 @@ import torch
 from gpt_tinystories.config import ModelConfig
 from gpt_tinystories.generate import Sampling, Storyteller, TextStream, beam_search, generate
 from gpt_tinystories.model import GPT
+from gpt_tinystories.tokenizer import EOS
 
 CONFIG = ModelConfig(vocab_size=300, d_model=32, n_layer=2, n_head=4, context_length=48)
 
@@ -128,3 +129,19 @@ def test_storyteller_streams_what_generate_returns(model, bpe):
     assert "".join(teller.stream("Once upon a time", max_new_tokens=30, seed=4)) == whole
     assert teller.generate("", max_new_tokens=5, temperature=0) == teller.generate(max_new_tokens=5, temperature=0)
     assert len(teller.generate("Hi", max_new_tokens=5, num_samples=3, seed=1)) == 3
+
+
+def test_keep_eos_tells_a_story_that_ended_from_one_that_was_cut(bpe):
+    torch.manual_seed(3)
+    teller = Storyteller(GPT(ModelConfig(vocab_size=bpe.vocab_size, d_model=32, n_layer=1, n_head=2)), bpe)
+    cut = teller.generate("Once upon a time", max_new_tokens=3, seed=4, keep_eos=True)
+    assert cut and not cut.endswith(EOS) and cut == teller.generate("Once upon a time", max_new_tokens=3, seed=4)
+    with torch.no_grad():  # every hidden state becomes all ones, and EOS's embedding points along it: EOS wins
+        teller.model.ln_f.weight.zero_()
+        teller.model.ln_f.bias.fill_(1.0)
+        teller.model.wte.weight[bpe.eos_id] = 10.0
+    assert teller.generate("Once upon a time", max_new_tokens=5, seed=4) == ""
+    assert teller.generate("Once upon a time", max_new_tokens=5, seed=4, keep_eos=True) == EOS
+    assert list(teller.stream("Once upon a time", max_new_tokens=5, seed=4, keep_eos=True)) == [EOS]
+    assert list(teller.stream("Once upon a time", max_new_tokens=5, seed=4)) == []
+    assert teller.beam_search("Once", max_new_tokens=5, num_beams=2, keep_eos=True) == EOS

@@ -37,9 +37,20 @@ def test_generate_prints_the_prompt_and_its_continuation(run_dir):
     teller = load(run_dir)
     expected = teller.generate("Once upon a time", max_new_tokens=20, seed=3)
     assert out == "Once upon a time" + expected + "\n"
+    assert err == "note: cut at the 20-token limit before the story ended; --max-new-tokens raises it\n"
     code, again, _ = cli("generate", "--checkpoint", run_dir, "--prompt", "Once upon a time", "--seed", "3",
                          "--max-new-tokens", "20", "--no-stream")  # fmt: skip
     assert again == out
+
+
+def test_generate_prints_a_story_that_ended_without_a_note(run_dir, capsys, monkeypatch):
+    from gpt_tinystories.cli import main
+    from gpt_tinystories.generate import Storyteller
+    from gpt_tinystories.tokenizer import EOS
+
+    monkeypatch.setattr(Storyteller, "stream", lambda *_, **__: iter(["Lily ", "smiled.", EOS]))
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "Once. "]) == 0
+    assert capsys.readouterr() == ("Once. Lily smiled.\n", "")
 
 
 def test_generate_samples_beams_and_long_prompts(run_dir):

@@ -10,7 +10,7 @@ import copy
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import UserError
 
@@ -89,6 +89,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import load
+    from .tokenizer import EOS
 
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
@@ -105,20 +106,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"note: the prompt has {prompt_tokens} tokens; keeping its last {context} (the model's context)",
               file=sys.stderr)  # fmt: skip
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-               "top_p": args.top_p}  # fmt: skip
+               "top_p": args.top_p, "keep_eos": True}  # fmt: skip
     for index in range(args.num_samples):
         seed = None if args.seed is None else args.seed + index
         if args.num_samples > 1:
             print(f"--- sample {index + 1} ---")
         print(args.prompt, end="", flush=True)
         if args.beams:
-            print(teller.beam_search(args.prompt, args.max_new_tokens, args.beams))
+            pieces: Iterable[str] = [teller.beam_search(args.prompt, args.max_new_tokens, args.beams, keep_eos=True)]
         elif args.stream:
-            for piece in teller.stream(args.prompt, seed=seed, **options):
-                print(piece, end="", flush=True)
-            print()
+            pieces = teller.stream(args.prompt, seed=seed, **options)
         else:
-            print(teller.generate(args.prompt, seed=seed, **options))
+            pieces = [teller.generate(args.prompt, seed=seed, **options)]
+        ended = False
+        for piece in pieces:
+            ended = piece.endswith(EOS)
+            print(piece.removesuffix(EOS), end="", flush=True)
+        print()
+        if not ended:  # on stderr: stdout stays the story alone
+            print(f"note: cut at the {args.max_new_tokens}-token limit before the story ended; --max-new-tokens "
+                  "raises it", file=sys.stderr)  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

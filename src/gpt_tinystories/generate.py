@@ -13,7 +13,7 @@ import torch
 
 from .engine import Engine, Sampling
 from .model import GPT
-from .tokenizer import Tokenizer
+from .tokenizer import EOS, Tokenizer
 
 __all__ = ["Sampling", "Storyteller", "TextStream", "beam_search", "decode", "generate"]
 
@@ -168,9 +168,12 @@ class Storyteller:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        keep_eos: bool = False,
     ) -> Iterator[str]:
-        """Pieces of the continuation as they are generated (it stops at EOS, which is not included)."""
+        """Pieces of the continuation as they are generated. It stops at EOS, which comes last as a piece of its
+        own (tokenizer.EOS) with `keep_eos`, so that a caller can tell a story that ended from one that was cut."""
         stream = TextStream(self.tokenizer)
+        ended = False
         for (token,) in decode(
             self.model,
             [self.encode_prompt(prompt)],
@@ -180,10 +183,13 @@ class Storyteller:
             self.generator(seed),
             self.compile,
         ):
+            ended = ended or token == self.tokenizer.eos_id
             if token is not None and token != self.tokenizer.eos_id and (piece := stream.push(token)):
                 yield piece
         if tail := stream.flush():
             yield tail
+        if ended and keep_eos:
+            yield EOS
 
     def generate(
         self,
@@ -194,8 +200,10 @@ class Storyteller:
         top_p: float | None = None,
         seed: int | None = None,
         num_samples: int = 1,
+        keep_eos: bool = False,
     ) -> str | list[str]:
-        """The prompt's continuation (a list of `num_samples` of them when more than one).
+        """The prompt's continuation (a list of `num_samples` of them when more than one); with `keep_eos`, one that
+        ended by itself ends with tokenizer.EOS.
 
         Sample i draws from its own generator seeded with seed + i: the same text as a call with that seed alone."""
         prompts = [self.encode_prompt(prompt)] * num_samples
@@ -203,12 +211,19 @@ class Storyteller:
         generators = [self.generator(None if seed is None else seed + i) for i in range(num_samples)]
         eos = self.tokenizer.eos_id
         outputs = generate(self.model, prompts, max_new_tokens, sampling, eos, generators, self.compile)
-        texts = [self.tokenizer.decode([t for t in out if t != self.tokenizer.eos_id]) for out in outputs]
+        texts = [self._text(out, keep_eos) for out in outputs]
         return texts[0] if num_samples == 1 else texts
 
-    def beam_search(self, prompt: str = "", max_new_tokens: int = 200, num_beams: int = 5) -> str:
+    def beam_search(self, prompt: str = "", max_new_tokens: int = 200, num_beams: int = 5,
+                    keep_eos: bool = False) -> str:  # fmt: skip
         tokens = beam_search(self.model, self.encode_prompt(prompt), max_new_tokens, num_beams, self.tokenizer.eos_id)
-        return self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eos_id])
+        return self._text(tokens, keep_eos)
+
+    def _text(self, tokens: Sequence[int], keep_eos: bool) -> str:
+        """New tokens as text: they end with EOS where the story ended, which is kept as text only if asked."""
+        ended = bool(tokens) and tokens[-1] == self.tokenizer.eos_id
+        text = self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eos_id])
+        return text + EOS if ended and keep_eos else text
 
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A generator on the model's device seeded with `seed` (None: the global one)."""
