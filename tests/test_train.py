@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from conftest import sample
 
 from gpt_tinystories import checkpoint
-from gpt_tinystories.config import TrainConfig
+from gpt_tinystories.config import ModelConfig, TrainConfig
 from gpt_tinystories.errors import UserError
 from gpt_tinystories.model import GPT
 from gpt_tinystories.train import _Budget, auto_dropout, choose_precision, learning_rate, make_optimizers, train
@@ -439,3 +440,51 @@ def test_a_finished_run_reports_its_final_model_again(tmp_path, tokenizer_file):
     again = train(tiny(tokenizer_file, max_steps=4), tmp_path / "run", progress=False)
     assert again.step == 4 and again.val_loss == first.val_loss and again.sample == first.sample
     assert again.sample.startswith("One day, a little girl named Lily")
+
+
+def test_narrow_d_model_keeps_the_head_size_and_says_what_it_cannot():
+    model = ModelConfig(vocab_size=100, d_model=128, n_head=4)
+    narrow = TrainConfig(narrow_d_model=96).narrowed(model)
+    assert (narrow.d_model, narrow.n_head, narrow.head_size) == (96, 3, 32)
+    assert TrainConfig(narrow_d_model=128).narrowed(model) is None and TrainConfig().narrowed(model) is None
+    grouped = TrainConfig(narrow_d_model=64).narrowed(replace(model, n_kv_head=2))
+    assert (grouped.n_head, grouped.n_kv_head) == (2, 1)
+    with pytest.raises(UserError, match=r"^narrow_d_model=100 must keep heads of 32 \(d_model / n_head\): use a mult"):
+        TrainConfig(preset="1M", d_model=128, n_head=4, narrow_d_model=100).resolved()
+    with pytest.raises(UserError, match=r"heads of 32 \(d_model / n_head\) in groups of 2: use a multiple of 64"):
+        TrainConfig(narrow_d_model=96).narrowed(replace(model, n_kv_head=2))
+
+
+def test_narrow_d_model_is_taken_where_a_time_budget_plans_few_passes(tmp_path, tokenizer_file, monkeypatch):
+    import gpt_tinystories.train as train_module
+
+    timed = []
+
+    def fake_time_rows(model, batch, device, candidates):
+        timed.append(model.config.d_model)
+        return dict.fromkeys(candidates, 1.0 if slow else 1e-6)
+
+    monkeypatch.setattr(train_module, "_time_rows", fake_time_rows)
+    data = str(sample("fixture-5-stories.txt"))
+    slow, timed_run = True, tiny(tokenizer_file, data=data, dropout="auto", narrow_d_model=16, max_steps=None,
+                                 max_time="2s", eval_every=1000)  # fmt: skip
+    train(timed_run, tmp_path / "slow", progress=False)
+    assert timed == [32, 16]  # planned at the width set, then dropout "auto" at the width taken
+    resolved = json.loads((tmp_path / "slow" / "config.json").read_text())["model"]
+    assert (resolved["d_model"], resolved["n_head"]) == (16, 2)
+    log = (tmp_path / "slow" / "train.log").read_text()
+    assert "16 wide, 2 heads (narrow_d_model: ~0 passes planned at 32 wide, fewer than 10), dropout 0 (auto" in log
+    # the narrowed model is the one --d-model 16 --n-head 2 builds from the same seed: the same first losses
+    train(tiny(tokenizer_file, data=data, d_model=16, n_head=2, dropout=0.0, max_steps=2), tmp_path / "set",
+          progress=False)  # fmt: skip
+    first = [r["loss"] for r in records(tmp_path / "set", "train")]
+    assert [r["loss"] for r in records(tmp_path / "slow", "train")][:2] == first
+
+    slow = False  # a fast CPU plans many passes: the width set
+    train(timed_run, tmp_path / "fast", progress=False)
+    assert json.loads((tmp_path / "fast" / "config.json").read_text())["model"]["d_model"] == 32
+    slow, timed = True, []  # a step budget buys no tokens by narrowing: nothing measured, the width set
+    train(replace(timed_run, max_time=None, max_steps=2), tmp_path / "steps", progress=False)
+    assert timed == []
+    assert json.loads((tmp_path / "steps" / "config.json").read_text())["model"]["d_model"] == 32
+    assert "passes planned at" not in (tmp_path / "steps" / "train.log").read_text()

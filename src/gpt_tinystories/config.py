@@ -8,7 +8,7 @@ import os
 import re
 import tomllib
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import UserError
@@ -197,6 +197,10 @@ class TrainConfig:
     d_model: int | None = None
     n_layer: int | None = None
     n_head: int | None = None
+    # Where a run limited by time alone plans fewer than train.NARROW_BELOW_PASSES passes over its data at d_model
+    # (measured at its start), train this narrower width instead, heads of the same size: on a slow CPU more
+    # tokens beat more width. 0 or None: never
+    narrow_d_model: int | None = None
     # On the embeddings and each block's output; "auto": none for a run of a few passes over its data, 0.1 for
     # one of many (chosen at its start, by its budget and the measured speed: see train.auto_dropout)
     dropout: float | str = 0.0
@@ -294,7 +298,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"{name} must be > 0, got {value}")
-        for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip"):
+        for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "narrow_d_model"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2", "val_fraction"):
@@ -311,7 +315,7 @@ class TrainConfig:
             raise UserError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.max_time is not None:
             parse_duration(self.max_time)
-        self.model_config(vocab_size=1, eos_id=0)  # width, heads and context checks
+        self.narrowed(self.model_config(vocab_size=1, eos_id=0))  # width, heads and context checks
 
     def model_config(self, vocab_size: int, eos_id: int | None = None) -> ModelConfig:
         """The preset's shape with this config's model fields (those set) on top; `eos_id` (the tokenizer's)
@@ -322,6 +326,19 @@ class TrainConfig:
         if self.document_mask:
             overrides["eos_id"] = eos_id
         return ModelConfig.from_preset(self.preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
+
+    def narrowed(self, model: ModelConfig) -> ModelConfig | None:
+        """`model` at narrow_d_model wide with heads of the same size; None where that is not narrower."""
+        narrow = self.narrow_d_model
+        if not narrow or narrow >= model.d_model:
+            return None
+        group = model.n_head // (model.n_kv_head or model.n_head)  # query heads per key/value head
+        if narrow % (model.head_size * group):
+            raise UserError(f"narrow_d_model={narrow} must keep heads of {model.head_size} (d_model / n_head)"
+                            f"{f' in groups of {group}' if group > 1 else ''}: use a multiple of "
+                            f"{model.head_size * group}")  # fmt: skip
+        n_head = narrow // model.head_size
+        return replace(model, d_model=narrow, n_head=n_head, n_kv_head=model.n_kv_head and n_head // group)
 
     def dropouts(self) -> dict[str, float | None]:
         """The model's dropout fields; "auto" is none until training chooses."""

@@ -38,6 +38,7 @@ from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 BPE_TRAINING_CHARS = 200_000_000  # a 4096-token BPE needs far less text than the whole dataset
 AUTO_DROPOUT, AUTO_DROPOUT_PASSES = 0.1, 15  # see auto_dropout
+NARROW_BELOW_PASSES = 10  # see narrow_d_model in config.py
 
 
 @dataclass
@@ -241,12 +242,20 @@ class Run:
     precision: str
     attention_precision: str  # what attention runs in under `precision` (see choose_precision)
     autocast: contextlib.AbstractContextManager
-    planned_passes: float | None  # with dropout "auto": the passes over the data its choice was made for
+    planned: Planned
     log: RunLog | _Silent
 
     @property
     def tokens_per_step(self) -> int:
         return self.windows_per_step * self.config.context_length
+
+
+@dataclass
+class Planned:
+    """What a new run's start chose by the passes over its data it planned (at the measured speed)."""
+
+    dropout_passes: float | None = None  # with dropout "auto": the passes its dropout was chosen for
+    narrowed_from: tuple[int, float] | None = None  # narrow_d_model taken: the width set, the passes planned at it
 
 
 @dataclass
@@ -345,10 +354,10 @@ def _set_up(
     if meta is not None:  # where the checkpoint left off
         state = TrainState(step=meta.step, train_seconds=meta.train_seconds, skipped=meta.skipped_steps,
                            bad_in_a_row=meta.bad_steps_in_a_row, last_saved=meta.step)  # fmt: skip
-    model, (precision, attention_precision), optimizer_state, planned_passes = _build_model(
+    model, (precision, attention_precision), optimizer_state, planned = _build_model(
         config, model_config, init_model, checkpointer, world, train_windows, budget, accumulation
     )
-    model_config = model.config  # with the dropout "auto" chose
+    model_config = model.config  # with the width and dropout its start chose
     if config.optimizer == "muon" and config.fsdp and world.distributed:
         raise UserError("--optimizer muon orthogonalises whole matrices, which FSDP shards; use DDP (drop --fsdp)")
     loss_fn = DataParallelLoss(model, world, fsdp=config.fsdp, compile=config.compile)  # shards under FSDP
@@ -362,7 +371,7 @@ def _set_up(
     checkpointer.start(config, model_config, (precision, attention_precision), tokenizer, world.device)
     run = Run(config, run_dir, world, tokenizer, model, eval_model, loss_fn, optimizers, train_windows, evaluator,
               checkpointer, budget, accumulation, windows_per_step, precision, attention_precision, autocast,
-              planned_passes, _Silent())  # fmt: skip
+              planned, _Silent())  # fmt: skip
     if world.is_main:  # only now touch the run dir, and only from rank 0
         run.log = _start_run_dir(run, meta.step if meta else None)
     return run, state
@@ -414,10 +423,10 @@ def _accumulation(config: TrainConfig, world: Distributed, num_windows: int) -> 
 
 def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT | None, checkpointer: Checkpointer,
                  world: Distributed, train_windows: TokenWindows, budget: _Budget, accumulation: int,
-                 ) -> tuple[GPT, tuple[str, str], dict | None, float | None]:  # fmt: skip
+                 ) -> tuple[GPT, tuple[str, str], dict | None, Planned]:  # fmt: skip
     """The model (initialised from the seed, then given the resumed or initial weights), its precision and its
-    attention's (see choose_precision), the optimizer state to restore (None for a new run), and for a new run
-    with `dropout = "auto"` the passes over the data its dropout was chosen for."""
+    attention's (see choose_precision), the optimizer state to restore (None for a new run), and what the start
+    of a new run chose by its planned passes over the data."""
 
     def build(model_config: ModelConfig) -> GPT:
         torch.manual_seed(config.seed)
@@ -426,24 +435,35 @@ def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT
             model.load_state_dict(init_model.state_dict())
         return model
 
-    model, passes = build(model_config), None
-    if checkpointer.resumed is not None:  # its model config holds the dropout it was given
+    def planned_passes(model: GPT) -> float:
+        """Passes over the data the budget allows at `model`'s measured speed (rank 0's, on every rank)."""
+        seconds_per_step = None
+        if budget.max_seconds is not None:
+            seconds_per_row = _time_rows(model, batch, world.device, [precisions])[precisions]
+            seconds_per_step = seconds_per_row * accumulation * config.batch_size
+        return world.broadcast(budget.passes(seconds_per_step))
+
+    model, planned = build(model_config), Planned()
+    if checkpointer.resumed is not None:  # its model config holds the width and dropout it was given
         precisions, optimizer_state = checkpointer.resumed.precisions, checkpointer.restore(model)
     else:
         batch = train_windows.batch(0, config.batch_size)  # every rank must compute alike: rank 0's measurement
         precisions = world.broadcast(choose_precision(config.precision, world.device, model, batch))
         optimizer_state = None
+        narrow = config.narrowed(model_config)
+        if narrow and init_model is None and budget.total_steps is None:  # a time budget alone: narrow buys tokens
+            wide_passes = planned_passes(model)
+            if wide_passes < NARROW_BELOW_PASSES:
+                planned.narrowed_from = model_config.d_model, wide_passes
+                model_config, model = narrow, build(narrow)
         if config.dropout == "auto":
-            seconds_per_step = None
-            if budget.max_seconds is not None:
-                seconds_per_row = _time_rows(model, batch, world.device, [precisions])[precisions]
-                seconds_per_step = seconds_per_row * accumulation * config.batch_size
-            passes = world.broadcast(budget.passes(seconds_per_step))
-            if dropout := auto_dropout(passes):  # built again from the same seed: the same weights, now with dropout
-                # (attention_dropout None is ModelConfig's "as dropout")
+            planned.dropout_passes = planned_passes(model)
+            # built again from the same seed: the same weights, now with dropout (attention_dropout None is
+            # ModelConfig's "as dropout")
+            if dropout := auto_dropout(planned.dropout_passes):
                 model = build(replace(model_config, dropout=dropout, attention_dropout=config.attention_dropout))
     model.cpu_attention_fp32 = precisions[1] == "fp32"
-    return model, precisions, optimizer_state, passes
+    return model, precisions, optimizer_state, planned
 
 
 def _start_run_dir(run: Run, resume_step: int | None) -> RunLog:
@@ -544,14 +564,20 @@ def _describe(run: Run, state: TrainState) -> str:
     attention = f" (attention {run.attention_precision})" if run.attention_precision != run.precision else ""
     scored, windows = evaluator.windows_scored, len(evaluator.windows)
     spread = " spread evenly (eval: all)" if scored < windows else ""
-    dropout = f", dropout {model.config.dropout:g}" if model.config.dropout or run.planned_passes is not None else ""
-    if run.planned_passes is not None:
-        dropout += f" (auto: ~{run.planned_passes:.0f} passes over the data planned)"
+    planned, choices = run.planned, ""  # what its start chose
+    if planned.narrowed_from is not None:
+        width, passes = planned.narrowed_from
+        choices = (f", {model.config.d_model} wide, {model.config.n_head} heads (narrow_d_model: ~{passes:.0f} "
+                   f"passes planned at {width} wide, fewer than {NARROW_BELOW_PASSES})")  # fmt: skip
+    if model.config.dropout or planned.dropout_passes is not None:
+        choices += f", dropout {model.config.dropout:g}"
+    if planned.dropout_passes is not None:
+        choices += f" (auto: ~{planned.dropout_passes:.0f} passes over the data planned)"
     return (
         f"{verb} {state.step}: {config.init_from or config.preset} ({model.num_parameters():,} parameters, "
         f"{model.num_parameters(True):,} non-embedding), tokenizer {run.tokenizer.name} "
         f"({run.tokenizer.vocab_size}), {run.world.device} {run.precision}{attention}{run.loss_fn.describe()}"
-        f"{dropout}, "
+        f"{choices}, "
         f"{run.tokens_per_step:,} tokens/step ({config.batch_size}x{config.context_length} x {run.accumulation} "
         f"accumulation), {len(run.train_windows):,} training windows, validation on {scored:,} of {windows:,} "
         f"windows{spread}, budget {run.budget.total_steps or '-'} steps"
