@@ -182,6 +182,10 @@ ARMS: dict[str, dict] = {
     "r14-w96-beta2-0.99": {**R10, "d_model": 96, "n_head": 3, "beta2": 0.99},
     "r14-w96-wd-1.0": {**R10, "d_model": 96, "n_head": 3, "weight_decay": 1.0},
     "r14-w96-wd-0.3": {**R10, "d_model": 96, "n_head": 3, "weight_decay": 0.3},
+    # Round 15, the other way from round 14's fifth layer (which lost 0.023 for 15% fewer tokens), at the same
+    # budget: fewer parameters for more tokens, narrower still (64 wide, 2 heads of 32) or shallower (3 layers).
+    "r15-w64": {**R10, "d_model": 64, "n_head": 2},
+    "r15-w96-l3": {**R10, "d_model": 96, "n_head": 3, "n_layer": 3},
 }
 
 

@@ -142,7 +142,7 @@ def test_the_cpu_recipe_config_builds_a_model_that_trains():
     model_config = config.model_config(vocab_size=4096, eos_id=EOS)
     # the study's winner (docs/study-cpu-10min.md): 128 wide, 4 layers, 4 heads of 32, rotary, 4,096 tokens a step, WSD
     assert (model_config.d_model, model_config.n_layer, model_config.n_head, model_config.head_size) == (128, 4, 4, 32)
-    # on a CPU that plans few passes at that width, 96 wide with 3 heads of 32 (train.NARROW_BELOW_PASSES)
+    # on a CPU that plans few passes at that width, 96 wide with 3 heads of 32 (config.NARROW_BELOW_PASSES)
     narrow = config.narrowed(model_config)
     assert (narrow.d_model, narrow.n_head, narrow.head_size) == (96, 3, 32)
     assert config.max_time == "10m" and config.tokens_per_step == 4096 and config.precision == "auto"

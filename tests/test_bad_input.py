@@ -63,6 +63,7 @@ CASES = [
     (train_args("--max-bad-steps", "0"), "max_bad_steps must be > 0", None),
     (train_args("--dropout", "1.5"), "dropout must be in [0, 1)", None),
     (train_args("--dropout", "sometimes"), "dropout must be a number in [0, 1) or auto, got 'sometimes'", None),
+    (train_args("--narrow-d-model", "20"), "narrow_d_model=20 must keep heads of 8", None),
     (train_args("--data", "{root}/binary.txt"), "looks binary", None),
     (train_args("--data", "{root}/empty.txt"), "no stories found", SUB),
     # train: run dirs and checkpoints

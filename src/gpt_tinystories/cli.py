@@ -332,7 +332,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _config_help(name: str, default: object) -> str:
     """'one of ...; default: ...' for a TrainConfig field: its allowed values, and what it is when not given."""
-    from .config import CHOICES, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, ModelConfig
+    from .config import CHOICES, NARROW_BELOW_PASSES, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, ModelConfig
 
     allowed = {"preset": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
                **CHOICES, "tokenizer": ("gpt2", "bpe-N (trained on the data)", "a tokenizer.json path"),
@@ -343,6 +343,8 @@ def _config_help(name: str, default: object) -> str:
         "init_from": "random weights; else a run dir, checkpoint folder or transformers model",
         "context_length": f"{ModelConfig.context_length}",
         "n_kv_head": "n_head (multi-head attention)",
+        "narrow_d_model": f"never; N: train N wide where a time-limited run plans < {NARROW_BELOW_PASSES} passes over "
+        "its data",
         "attention_dropout": "dropout's (on a CPU, 0 keeps the fused attention kernel)",
         "max_time": "none; e.g. 90s, 15m, 2h",
         "checkpoint_every": "at every evaluation",

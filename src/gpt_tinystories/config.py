@@ -174,6 +174,9 @@ TRAIN_PRESETS: dict[str, dict[str, float | int]] = {
 }
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# narrow_d_model's threshold: the 10-minute CPU recipe's 96 wide beat 128 at ~7-8 passes planned at 128, tied at ~12
+# (docs/study-cpu-10min.md, rounds 7 and 13)
+NARROW_BELOW_PASSES = 10
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -197,7 +200,7 @@ class TrainConfig:
     d_model: int | None = None
     n_layer: int | None = None
     n_head: int | None = None
-    # Where a run limited by time alone plans fewer than train.NARROW_BELOW_PASSES passes over its data at d_model
+    # Where a run limited by time alone plans fewer than NARROW_BELOW_PASSES passes over its data at d_model
     # (measured at its start), train this narrower width instead, heads of the same size: on a slow CPU more
     # tokens beat more width. 0 or None: never
     narrow_d_model: int | None = None

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import atomic, checkpoint
 from .checkpoint import Checkpointer
-from .config import ModelConfig, TrainConfig, parse_duration
+from .config import NARROW_BELOW_PASSES, ModelConfig, TrainConfig, parse_duration
 from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
 from .distributed import DataParallelLoss, Distributed
 from .errors import UserError
@@ -38,7 +38,6 @@ from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 BPE_TRAINING_CHARS = 200_000_000  # a 4096-token BPE needs far less text than the whole dataset
 AUTO_DROPOUT, AUTO_DROPOUT_PASSES = 0.1, 15  # see auto_dropout
-NARROW_BELOW_PASSES = 10  # see narrow_d_model in config.py
 
 
 @dataclass
