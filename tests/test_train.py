@@ -488,3 +488,7 @@ def test_narrow_d_model_is_taken_where_a_time_budget_plans_few_passes(tmp_path, 
     assert timed == []
     assert json.loads((tmp_path / "steps" / "config.json").read_text())["model"]["d_model"] == 32
     assert "passes planned at" not in (tmp_path / "steps" / "train.log").read_text()
+    # a run made without narrow_d_model (as before it existed) resumes under it, with the shape it was given
+    train(replace(timed_run, max_time=None, max_steps=2, narrow_d_model=None), tmp_path / "old", progress=False)
+    resumed = train(replace(timed_run, max_time="2s"), tmp_path / "old", resume=True, progress=False)
+    assert resumed.step > 2 and json.loads((tmp_path / "old" / "config.json").read_text())["model"]["d_model"] == 32

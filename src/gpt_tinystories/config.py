@@ -256,11 +256,12 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "gpt-tinystories"
 
-    # Fields that may change when a run is resumed: they do not alter the trajectory of the weights.
+    # Fields that may change when a run is resumed: they do not alter the trajectory of the weights (a resumed
+    # run keeps the shape its checkpoint holds: narrow_d_model only acts at a new run's start).
     RESUMABLE_CHANGES = frozenset(
         {"max_steps", "max_tokens", "max_epochs", "max_time", "eval_every", "eval_batches", "log_every",
          "checkpoint_every", "keep_last", "device", "compile", "fsdp", "threads", "wandb", "wandb_project",
-         "sample_tokens", "max_bad_steps"}
+         "sample_tokens", "max_bad_steps", "narrow_d_model"}
     )  # fmt: skip
 
     @classmethod
