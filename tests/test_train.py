@@ -467,7 +467,7 @@ def test_narrow_d_model_is_taken_where_a_time_budget_plans_few_passes(tmp_path, 
     monkeypatch.setattr(train_module, "_time_rows", fake_time_rows)
     data = str(sample("fixture-5-stories.txt"))
     slow, timed_run = True, tiny(tokenizer_file, data=data, dropout="auto", narrow_d_model=16, max_steps=None,
-                                 max_time="2s", eval_every=1000)  # fmt: skip
+                                 max_time="4s", eval_every=1000)  # fmt: skip
     train(timed_run, tmp_path / "slow", progress=False)
     assert timed == [32, 16]  # planned at the width set, then dropout "auto" at the width taken
     resolved = json.loads((tmp_path / "slow" / "config.json").read_text())["model"]
