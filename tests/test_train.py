@@ -480,8 +480,9 @@ def test_narrow_d_model_is_taken_where_a_time_budget_plans_few_passes(tmp_path, 
     first = [r["loss"] for r in records(tmp_path / "set", "train")]
     assert [r["loss"] for r in records(tmp_path / "slow", "train")][:2] == first
 
-    slow = False  # a fast CPU plans many passes: the width set
+    slow, timed = False, []  # a fast CPU plans many passes: the width set, timed once for both choices
     train(timed_run, tmp_path / "fast", progress=False)
+    assert timed == [32]
     assert json.loads((tmp_path / "fast" / "config.json").read_text())["model"]["d_model"] == 32
     slow, timed = True, []  # a step budget buys no tokens by narrowing: nothing measured, the width set
     train(replace(timed_run, max_time=None, max_steps=2), tmp_path / "steps", progress=False)

@@ -449,14 +449,15 @@ def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT
         batch = train_windows.batch(0, config.batch_size)  # every rank must compute alike: rank 0's measurement
         precisions = world.broadcast(choose_precision(config.precision, world.device, model, batch))
         optimizer_state = None
+        passes = None  # planned at the model's width, once timed
         narrow = config.narrowed(model_config)
         if narrow and init_model is None and budget.total_steps is None:  # a time budget alone: narrow buys tokens
-            wide_passes = planned_passes(model)
-            if wide_passes < NARROW_BELOW_PASSES:
-                planned.narrowed_from = model_config.d_model, wide_passes
-                model_config, model = narrow, build(narrow)
+            passes = planned_passes(model)
+            if passes < NARROW_BELOW_PASSES:
+                planned.narrowed_from = model_config.d_model, passes
+                model_config, model, passes = narrow, build(narrow), None
         if config.dropout == "auto":
-            planned.dropout_passes = planned_passes(model)
+            planned.dropout_passes = planned_passes(model) if passes is None else passes
             # built again from the same seed: the same weights, now with dropout (attention_dropout None is
             # ModelConfig's "as dropout")
             if dropout := auto_dropout(planned.dropout_passes):
