@@ -431,11 +431,17 @@ def write_report(out: Path, results: list[dict], speeds: dict, base_speed: float
                  "r7-w128", "r8-min-lr-0", "r9-rope", "r10-shift-windows")  # fmt: skip
     against = next((name for name in baselines if name in by_arm), "base")
     base = next((row[0] for row in rows if row[1] == against), None)
+    # a later round's arms were timed beside an earlier winner, on their own day: name that timing too
+    later = "".join(
+        f"; this round's arms against {key.removeprefix('timed_against_')} on {t['cpu']} (load average "
+        f"{t['load_before']:.1f} -> {t['load_after']:.1f})"
+        for key, t in speeds.items() if key.startswith("timed_against_")
+    )  # fmt: skip
     lines = [
         "# 10-minute CPU recipe study: results",
         "",
         f"Speeds (phase 1) measured on {speeds['cpu']} ({speeds['cores']} cores, torch {speeds['torch']}, load "
-        f"average {speeds['load_before']:.1f} -> {speeds['load_after']:.1f}) as ratios to the base arm, timed "
+        f"average {speeds['load_before']:.1f} -> {speeds['load_after']:.1f}{later}) as ratios to the base arm, timed "
         f"alternately; CPU tokens/s = ratio x {base_speed:,.0f} (the base arm's), budget = {BUDGET_SECONDS} s of "
         f"that. Runs (phase 2) on {device}, fp32, {sum(r['seconds'] for r in results):,.0f} s of training in all "
         "(summed over runs, those read from --work included). Score: bits per byte on the held-out last 10% of "
