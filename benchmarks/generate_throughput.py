@@ -91,6 +91,13 @@ def engine_runner(compile: bool) -> Callable[[Setup], Decode]:
     return setup
 
 
+def _has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return False
+
+
 class LlamaCpp:
     """llama.cpp through llama-cpp-python's low-level API: greedy, every row of a batch as its own sequence."""
 
@@ -99,7 +106,11 @@ class LlamaCpp:
 
         self.lib = lib
         lib.llama_backend_init()
-        self.model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        model_params = lib.llama_model_default_params()
+        # llama.cpp's repacking of q8_0 matrices for AMX segfaulted in the first decode on an Intel Xeon with
+        # amx_int8 (llama.cpp issue #20824): there it gets plain CPU buffers; elsewhere its repacking, its fastest.
+        model_params.use_extra_bufts = not _has_amx()
+        self.model = lib.llama_model_load_from_file(str(path).encode(), model_params)
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_seq_max = 512 * batch, 512 * batch, batch
         params.n_threads = params.n_threads_batch = threads

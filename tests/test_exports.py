@@ -70,7 +70,20 @@ def llama_cpp():
         if REQUIRE_LLAMA_CPP:
             pytest.fail(f"llama.cpp test required (GPT_TINYSTORIES_REQUIRE_LLAMA_CPP=1) but {reason}")
         pytest.skip(reason)
-    return llama_cpp
+    # On a CPU with AMX llama.cpp (as llama-cpp-python 0.3.36 builds it) repacks q8_0 matrices for AMX, and that
+    # path segfaulted in its first decode at every width tried (an Intel Xeon with amx_int8; llama.cpp issue
+    # #20824), taking the test worker down with it. The tests check our files, not llama.cpp's repacking: they
+    # load them into its plain CPU buffers, as its `--no-repack` does.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_repacking)
+        yield llama_cpp
 
 
 def llama_greedy(llama_cpp, path, prompt, new_tokens):
