@@ -65,7 +65,18 @@ def test_an_old_checkpoint_loads_with_its_metadata(old_run):
     assert load_model(old_run)[2]["path"] == str(old_run / "checkpoints" / "best")  # a run dir means its best
 
 
-def test_an_old_run_resumes_where_it_stopped(old_run, monkeypatch):
+@pytest.fixture
+def fixture_threads():
+    """The fixture's threads: the old version wrote it on 2 cores with torch's default, 2 threads. A sum split over
+    another count (1, a pytest-xdist worker's share of 2 cores) adds in another order: an Intel Xeon with AVX-512
+    then computed the continued losses to the bit but not the weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_an_old_run_resumes_where_it_stopped(old_run, monkeypatch, fixture_threads):
     # the old version validated on the first eval_batches batches, the new one on as many windows spread over the
     # data (evaluate.scored_windows): given the old windows, it must compute the old figures
     monkeypatch.setattr(evaluate, "scored_windows", lambda total, size, batches: np.arange(min(total, size * batches)))
