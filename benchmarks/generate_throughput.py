@@ -23,6 +23,7 @@ import argparse
 import copy
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from gpt_tinystories.config import ModelConfig
 from gpt_tinystories.engine import Engine, Sampling
 from gpt_tinystories.model import GPT
 from gpt_tinystories.runtime import pick_device
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import cpu_info  # noqa: E402
 
 Decode = Callable[[torch.Tensor, int], list[list[int]]]  # (prompts (batch, 16), new tokens) -> new tokens per row
 
@@ -91,13 +95,6 @@ def engine_runner(compile: bool) -> Callable[[Setup], Decode]:
     return setup
 
 
-def _has_amx() -> bool:
-    try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return False
-
-
 class LlamaCpp:
     """llama.cpp through llama-cpp-python's low-level API: greedy, every row of a batch as its own sequence."""
 
@@ -109,7 +106,7 @@ class LlamaCpp:
         model_params = lib.llama_model_default_params()
         # llama.cpp's repacking of q8_0 matrices for AMX segfaulted in the first decode on an Intel Xeon with
         # amx_int8 (llama.cpp issue #20824): there it gets plain CPU buffers; elsewhere its repacking, its fastest.
-        model_params.use_extra_bufts = not _has_amx()
+        model_params.use_extra_bufts = "amx_int8" not in cpu_info().get("flags", "").split()
         self.model = lib.llama_model_load_from_file(str(path).encode(), model_params)
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_seq_max = 512 * batch, 512 * batch, batch

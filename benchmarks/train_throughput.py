@@ -222,14 +222,20 @@ def main() -> None:
     print(f"load average {load[0]:.1f} before, {load[1]:.1f} after, {os.cpu_count()} cores: {busy}")
 
 
-def cpu_description() -> str:
-    """The CPU model and the flags that decide fast fp32/bf16 paths (Linux /proc/cpuinfo; else platform)."""
+def cpu_info() -> dict[str, str]:
+    """/proc/cpuinfo's fields ("model name", "flags", ...); empty where there is none (not Linux)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
+        return {}
+    return {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in lines if ":" in line)}
+
+
+def cpu_description() -> str:
+    """The CPU model and the flags that decide fast fp32/bf16 paths (Linux /proc/cpuinfo; else platform)."""
+    info = cpu_info()
+    if not info:
         return platform.processor() or "unknown"
-    info = dict(line.split(":", 1) for line in lines if ":" in line)
-    info = {k.strip(): v.strip() for k, v in info.items()}
     flags = set(info.get("flags", "").split())
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     native_bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no native bf16"
