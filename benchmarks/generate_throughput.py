@@ -20,9 +20,10 @@ a greedy loop over its KV cache); a runtime that is not installed, or not for th
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
-import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ from gpt_tinystories.model import GPT
 from gpt_tinystories.runtime import pick_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import cpu_info  # noqa: E402
+from train_throughput import cpu_description, cpu_info  # noqa: E402
 
 Decode = Callable[[torch.Tensor, int], list[list[int]]]  # (prompts (batch, 16), new tokens) -> new tokens per row
 
@@ -179,6 +180,7 @@ def bpe(vocab_size: int):
 
 
 EXPORTS = Path(tempfile.mkdtemp(prefix="generate-throughput-"))  # exported files, reused across batch sizes
+atexit.register(shutil.rmtree, EXPORTS, ignore_errors=True)
 
 
 def _cpu_only(setup: Setup) -> None:
@@ -285,7 +287,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     device = pick_device(args.device)
     runners = [r for r in RUNNERS if not args.runners or r.name in args.runners or r.baseline]
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_description()
     print(f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"device {device}{f' ({torch.cuda.get_device_name()})' if device.type == 'cuda' else ''}")  # fmt: skip
     print(f"greedy decoding of {args.new_tokens} new tokens after a 16-token prompt; best of {args.rounds} rounds; "
