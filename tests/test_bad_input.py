@@ -80,6 +80,11 @@ CASES = [
     (["eval", "--checkpoint", "{root}/run", "--data", "{root}/prepared-other"], "prepare the data again", None),
     (["eval", "--checkpoint", "{root}/run", "--data", FIXTURE, "--device", "cuda"], "CUDA is not available", SUB),
     (["eval", "--checkpoint", "{root}/run", "--data", FIXTURE, "--context-length", "65"], "exceeds the model's", None),
+    (
+        ["eval", "--checkpoint", "{root}/run", "--data", FIXTURE, "--stride", "24"],
+        "stride 24 must divide the context length 64 (e.g. 32)",
+        None,
+    ),  # fmt: skip
     (["eval", "--checkpoint", "{root}/run", "--data", "{root}/empty.txt"], "no stories found", None),
     # generate
     (["generate", "--checkpoint", "{root}/newer-ckpt"], "upgrade gpt-tinystories", SUB),

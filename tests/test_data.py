@@ -208,6 +208,26 @@ def test_shifted_windows_cut_each_epoch_at_its_own_offset(prepared):
     assert TokenWindows(prepared.tokens(), context_length=128, seed=None, shift=True).offset(5) == 0
 
 
+def test_pieces_score_a_window_a_stride_at_a_time_after_the_tokens_before_it():
+    arrays = [np.arange(100), np.arange(1000, 1030)]
+    windows = TokenWindows(arrays, context_length=10, seed=None)
+    assert len(windows) == 9 + 2
+    # window 3 of the first array: targets 31..40, read 5 at a time, each piece the 11 tokens ending with them
+    assert [(tokens.tolist(), scored) for tokens, scored in windows.pieces(3, 5)] == [
+        (list(range(25, 36)), 5),
+        (list(range(30, 41)), 5),
+    ]
+    pieces = windows.pieces(8, 2)
+    assert [tokens[-scored:].tolist() for tokens, scored in pieces] == [[81 + 2 * k, 82 + 2 * k] for k in range(5)]
+    assert all(len(tokens) == 11 for tokens, _ in pieces)
+    # an array's first window has nothing before it: scored whole, as is every window at the full stride
+    for index in (0, 9):
+        assert [(tokens.tolist(), scored) for tokens, scored in windows.pieces(index, 5)] == [
+            (windows.window(index).tolist(), 10)
+        ]
+    assert [(tokens.tolist(), scored) for tokens, scored in windows.pieces(10, 10)] == [(list(range(1010, 1021)), 10)]
+
+
 def test_holdout_cuts_at_a_story_boundary(prepared, bpe, monkeypatch, tmp_path):
     head, tail = prepared.holdout(0.1)
     (stream,) = prepared.tokens()

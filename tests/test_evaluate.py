@@ -6,6 +6,7 @@ import torch
 from conftest import sample
 
 from gpt_tinystories.config import ModelConfig
+from gpt_tinystories.errors import UserError
 from gpt_tinystories.evaluate import (
     SAMPLE_PROMPT,
     EvalResult,
@@ -58,6 +59,41 @@ def test_evaluate_scores_spread_windows_and_counts_their_gpt2_tokens(bpe, model,
     assert result.to_record() == {"val_loss": result.loss, "val_bpb": result.bits_per_byte,
                                   "val_nats_per_gpt2_token": result.nats_per_gpt2_token}  # fmt: skip
     assert evaluator.evaluate(model).nats == result.nats  # deterministic: the windows are in order
+
+
+def test_sliding_window_evaluation_scores_the_same_text_each_piece_after_the_tokens_before_it(bpe, model, evaluator):
+    plain = evaluator.evaluate(model)
+    windows, length, stride = evaluator.windows, 32, 8
+    sliding = Evaluator(windows, bpe, batch_size=4, max_batches=3, stride=stride).evaluate(model)
+    assert (sliding.tokens, sliding.text_bytes, sliding.gpt2_tokens) == (
+        plain.tokens,
+        plain.text_bytes,
+        plain.gpt2_tokens,
+    )
+    # The reference, from the token stream itself: window i's targets i*32+1 .. i*32+32 in runs of 8, each run
+    # predicted by the model's logits after the 32 tokens that end with it (window 0 alone has nothing before it).
+    (stream,) = windows.arrays
+    expected = 0.0
+    indices = scored_windows(len(windows), 4, 3)
+    assert indices[0] == 0
+    with torch.no_grad():
+        for index in indices:
+            start = int(index) * length
+            runs = [(start + length, length)] if index == 0 else [(start + k, stride) for k in range(8, 33, 8)]
+            for end, count in runs:
+                tokens = torch.from_numpy(stream[end - length : end + 1].astype(np.int64))
+                logits = model(tokens[None, :-1])[0, -count:]
+                expected += torch.nn.functional.cross_entropy(logits, tokens[-count:], reduction="sum").item()
+    assert sliding.nats == pytest.approx(expected, rel=1e-5)
+    assert sliding.nats != pytest.approx(plain.nats, rel=1e-5)  # other contexts (this model is near uniform)
+    # at the full stride, the non-overlapping windows exactly
+    assert Evaluator(windows, bpe, batch_size=4, max_batches=3, stride=length).evaluate(model).nats == plain.nats
+
+
+def test_a_stride_must_divide_the_context(bpe, evaluator):
+    for stride in (0, 5, 64):
+        with pytest.raises(UserError, match=f"stride {stride} must divide the context length 32"):
+            Evaluator(evaluator.windows, bpe, stride=stride)
 
 
 def test_the_gpt2_count_is_taken_once(bpe, model, evaluator, monkeypatch):

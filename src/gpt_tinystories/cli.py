@@ -142,16 +142,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     context = args.context_length or model.config.context_length
     if context > model.config.context_length:
         raise UserError(f"--context-length {context} exceeds the model's {model.config.context_length}")
-    options = {"batch_size": args.batch_size, "max_batches": args.max_batches, "device": device}
+    options = {"batch_size": args.batch_size, "max_batches": args.max_batches, "device": device, "stride": args.stride}
     evaluator = Evaluator.from_data(args.data, tokenizer, context, args.split, progress=not args.json, **options)
     result = evaluator.evaluate(model, progress=not args.json)
     report = {"checkpoint": meta["path"], "step": meta.get("step"), "data": str(args.data), "split": args.split,
-              "tokenizer": tokenizer.name, **result.to_dict()}  # fmt: skip
+              "tokenizer": tokenizer.name, "context_length": context, "stride": args.stride or context,
+              **result.to_dict()}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return
+    windows = f"windows of {context}" + (f", scored {args.stride} targets at a time" if args.stride else "")
     print(f"{meta['path']} (step {meta.get('step')}) on {args.data}: {result.tokens:,} tokens, "
-          f"{result.text_bytes:,} bytes, {result.gpt2_tokens:,} GPT-2 tokens")  # fmt: skip
+          f"{result.text_bytes:,} bytes, {result.gpt2_tokens:,} GPT-2 tokens ({windows})")  # fmt: skip
     print(f"  loss                  {result.loss:.4f} nats/token")
     print(f"  perplexity            {result.perplexity:.2f}")
     print(f"  bits per byte         {result.bits_per_byte:.4f}")
@@ -461,6 +463,10 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=_positive_int,
                    help="evaluate only this many batches (windows spread evenly over the data)")  # fmt: skip
     p.add_argument("--context-length", type=_positive_int, help="window length (default: the model's context)")
+    p.add_argument("--stride", type=_positive_int,
+                   help="sliding-window evaluation: score each window this many targets at a time, each read after "
+                   "the context-length tokens before it (a divisor of the context length; default: the context "
+                   "length, non-overlapping windows; takes context/stride times longer)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--device", default="auto")
     _add_dtype_flag(p)

@@ -397,14 +397,27 @@ class TokenWindows:
     def batch(self, first: int, count: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""
         positions = range(first, first + count)
-        return self._tensors([self.window(self.window_index(p), p // self.num_windows) for p in positions], device)
+        return self.tensors([self.window(self.window_index(p), p // self.num_windows) for p in positions], device)
 
     def stack(self, indices: Iterable[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (len(indices), context_length) of the windows `indices` (as epoch 0 cuts them)."""
-        return self._tensors([self.window(int(i)) for i in indices], device)
+        return self.tensors([self.window(int(i)) for i in indices], device)
+
+    def pieces(self, index: int, stride: int) -> list[tuple[np.ndarray, int]]:
+        """Window `index` (as epoch 0 cuts it) as sliding-window evaluation reads it: `stride` targets at a time,
+        each piece the context_length + 1 tokens that end with its targets, so that a target has at least
+        context_length - stride tokens before it (those of an array's first window excepted: nothing precedes
+        them). (tokens, how many of its last targets to score) per piece; together they score the window's."""
+        array = int(np.searchsorted(self.starts, index, side="right")) - 1
+        local, length = index - int(self.starts[array]), self.context_length
+        if local == 0 or stride >= length:
+            return [(self.window(index), length)]
+        tokens, start = self.arrays[array], local * length + self.offset(0)
+        return [(tokens[end - length : end + 1], stride) for end in range(start + stride, start + length + 1, stride)]
 
     @staticmethod
-    def _tensors(rows: list[np.ndarray], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(rows: list[np.ndarray], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of equally long token rows, on `device`."""
         tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
         if torch.device(device).type == "cuda":  # from pinned memory the copy need not wait for the GPU's queue
             tokens = tokens.pin_memory().to(device, non_blocking=True)

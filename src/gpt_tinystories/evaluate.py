@@ -13,7 +13,9 @@ One `Evaluator` owns a fixed set of validation windows and everything computed f
 evenly over the data (the first batches alone would be a biased sample: stories in a file are not shuffled, and
 on `validation-first1000.txt` windows 320-640 score ~0.2 bits/byte worse than the first 320), and fills
 `EvalResult.gpt2_tokens`, the GPT-2 token count of the scored text, counted once per evaluator (its windows
-never change). `sample()` draws from its own seeded generator, so it never moves the caller's RNG stream.
+never change). With `stride`, each window is scored `stride` targets at a time after the tokens before them
+(sliding-window evaluation): the same text, each token read with more of what precedes it. `sample()` draws
+from its own seeded generator, so it never moves the caller's RNG stream.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TokenWindows, prepare
+from .errors import UserError
 from .generate import Sampling, generate
 from .tokenizer import Tokenizer
 
@@ -86,8 +89,13 @@ class Evaluator:
         max_batches: int | None = None,
         device: torch.device | str = "cpu",
         autocast: contextlib.AbstractContextManager | None = None,
+        stride: int | None = None,
     ) -> None:
-        self.windows, self.tokenizer = windows, tokenizer
+        length = windows.context_length
+        if stride is not None and (stride < 1 or length % stride):
+            example = f" (e.g. {length // 2})" if length % 2 == 0 else ""
+            raise UserError(f"stride {stride} must divide the context length {length}{example}")
+        self.windows, self.tokenizer, self.stride = windows, tokenizer, stride
         self.batch_size, self.max_batches = batch_size, max_batches
         self.device = torch.device(device)
         self.autocast = autocast or contextlib.nullcontext()  # e.g. the run's bf16 autocast
@@ -120,7 +128,7 @@ class Evaluator:
     def evaluate(self, model: torch.nn.Module, progress: bool = False) -> EvalResult:
         """The model's loss over the evaluator's windows, with the GPT-2 token count of the scored text."""
         result = evaluate(model, self.windows, self.token_bytes, self.batch_size, self.max_batches, self.autocast,
-                          progress)  # fmt: skip
+                          progress, self.stride)  # fmt: skip
         if self._gpt2_tokens is None:  # the same windows every time: count their text's GPT-2 tokens once
             self._gpt2_tokens = gpt2_tokens_scored(self.windows, self._scored(), self.tokenizer)
         result.gpt2_tokens = self._gpt2_tokens
@@ -171,22 +179,33 @@ def evaluate(
     max_batches: int | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
     progress: bool = False,
+    stride: int | None = None,
 ) -> EvalResult:
-    """Loss over `max_batches` batches of `windows` spread evenly over them (all of them with None, in order)."""
+    """Loss over `max_batches` batches of `windows` spread evenly over them (all of them with None, in order).
+
+    With a `stride` smaller than the context length, each window is scored `stride` targets at a time, each
+    piece read after the tokens before it (sliding-window evaluation, TokenWindows.pieces): the same targets,
+    with more context for those near a window's start, at context / stride times the cost."""
     was_training = model.training
     model.eval()
     device = token_bytes.device
+    length = windows.context_length
     indices = scored_windows(len(windows), batch_size, max_batches)
+    rows = [piece for index in indices for piece in windows.pieces(int(index), stride or length)]
+    positions = torch.arange(length, device=device)
     nats = torch.zeros((), dtype=torch.float64, device=device)
     text_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    batches = range(0, len(indices), batch_size)
+    batches = range(0, len(rows), batch_size)
     for first in tqdm(batches, desc="eval", unit="batch", disable=None if progress else True):
-        inputs, targets = windows.stack(indices[first : first + batch_size], device)
+        batch = rows[first : first + batch_size]
+        inputs, targets = windows.tensors([tokens for tokens, _ in batch], device)
+        scored = [count for _, count in batch]
+        mask = None if min(scored) == length else positions >= length - torch.tensor(scored, device=device)[:, None]
         with autocast or contextlib.nullcontext():
-            nats += model.loss(inputs, targets, reduction="sum").double()
-        text_bytes += token_bytes[targets].sum()
+            nats += model.loss(inputs, targets, reduction="sum", mask=mask).double()
+        text_bytes += token_bytes[targets if mask is None else targets[mask]].sum()
     model.train(was_training)
-    tokens = len(indices) * windows.context_length
+    tokens = sum(count for _, count in rows)
     return EvalResult(nats=nats.item(), tokens=tokens, text_bytes=int(text_bytes.item()))
 
 

@@ -216,10 +216,17 @@ class GPT(nn.Module):
         weight = self.wte.weight
         return KVCache(self.config, batch_size, capacity, pad, device=weight.device, dtype=weight.dtype)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy of the next-token predictions, without materialising the logits (see below)."""
+    def loss(
+        self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Cross-entropy of the next-token predictions, without materialising the logits (see below); with a
+        (batch, time) boolean `mask`, of the positions it marks only."""
         hidden = self.hidden_states(idx)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.head_weight, targets.flatten(), reduction)
+        if mask is None:
+            hidden, targets = hidden.flatten(0, 1), targets.flatten()
+        else:
+            hidden, targets = hidden[mask], targets[mask]
+        return linear_cross_entropy(hidden, self.head_weight, targets, reduction)
 
 
 class KVCache:
