@@ -186,6 +186,14 @@ ARMS: dict[str, dict] = {
     # budget: fewer parameters for more tokens, narrower still (64 wide, 2 heads of 32) or shallower (3 layers).
     "r15-w64": {**R10, "d_model": 64, "n_head": 2},
     "r15-w96-l3": {**R10, "d_model": 96, "n_head": 3, "n_layer": 3},
+    # Round 16, around round 13's winner (r13-w96, run again on the CPU of this round as its reference) at the same
+    # budget: the schedule for a run this short (a longer decay, a shorter warm-up), and two levers that make a
+    # token cheaper at this width, where the LM head and attention weigh most: a 2,048-token vocabulary (half the
+    # LM head and embedding) and context 128 (half the attention per token; 32 windows per step).
+    "r16-w96-decay-0.5": {**R10, "d_model": 96, "n_head": 3, "decay_fraction": 0.5},
+    "r16-w96-warmup-50": {**R10, "d_model": 96, "n_head": 3, "warmup_steps": 50},
+    "r16-w96-vocab-2048": {**R10, "d_model": 96, "n_head": 3, "tokenizer": "bpe-2048"},
+    "r16-w96-ctx-128": {**R10, "d_model": 96, "n_head": 3, "context_length": 128, "batch_size": 32},
 }
 
 
