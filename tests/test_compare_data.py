@@ -45,6 +45,25 @@ def test_compare_scores_each_best_checkpoint_on_the_same_data_at_the_shortest_co
     assert f"{at_own_context.bits_per_byte:.4f}" not in row  # the 64-token model was scored at 32, not its own
 
 
+def test_compare_scores_in_sliding_windows_as_eval_does(tmp_path, bpe, capsys):
+    make_run(tmp_path / "a", bpe, 32, seed=1)
+    make_run(tmp_path / "b", bpe, 32, seed=2)
+    args = ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]
+    assert cli.main([*args, "--data", str(DATA), "--max-batches", "2", "--batch-size", "4", "--stride", "8"]) == 0
+    section = (tmp_path / "cmp" / "report.md").read_text().split("## On the same data")[1]
+    assert "in windows of 32 tokens, each scored 8 targets at a time" in section
+    model, _, _ = checkpoint.load_model(tmp_path / "b")
+    expected = Evaluator.from_data(DATA, bpe, 32, batch_size=4, max_batches=2, stride=8).evaluate(model)
+    plain = Evaluator.from_data(DATA, bpe, 32, batch_size=4, max_batches=2).evaluate(model)
+    row = next(line for line in section.splitlines() if line.startswith("| `b` |"))
+    assert f"| {expected.loss:.4f} | {expected.bits_per_byte:.4f} |" in row and f"{plain.loss:.4f}" not in row
+    # a stride that does not divide the context, or one without --data: one line, exit 2, no report written
+    for extra in (["--data", str(DATA), "--stride", "5"], ["--stride", "8"]):
+        capsys.readouterr()
+        assert cli.main([*args[:-1], str(tmp_path / "bad"), *extra]) == 2
+        assert "stride" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_compare_without_data_scores_nothing(tmp_path, bpe):
     make_run(tmp_path / "a", bpe, 32, seed=1)
     make_run(tmp_path / "b", bpe, 32, seed=2)

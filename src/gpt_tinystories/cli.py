@@ -180,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare
 
-    report = compare(args.run_dirs, args.out, args.data, args.split, args.batch_size, args.max_batches)
+    report = compare(args.run_dirs, args.out, args.data, args.split, args.batch_size, args.max_batches, args.stride)
     print(f"compared {len(args.run_dirs)} runs -> {report} (plots beside it)")
 
 
@@ -446,6 +446,8 @@ def _add_training_verbs(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="for --data")
     p.add_argument("--max-batches", type=_positive_int,
                    help="score only this many batches of --data (windows spread evenly over it)")  # fmt: skip
+    p.add_argument("--stride", type=_positive_int,
+                   help="score --data in sliding windows, this many targets at a time (as eval --stride)")  # fmt: skip
     p.set_defaults(func=cmd_compare)
 
 

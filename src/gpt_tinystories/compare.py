@@ -77,13 +77,16 @@ def compare(
     split: str = "validation",
     batch_size: int = 16,
     max_batches: int | None = None,
+    stride: int | None = None,
 ) -> Path:
     """Write the report and plots for `run_dirs` into `out`; return the report's path. With `data`, the report
-    also scores every run's best checkpoint on it (see `score`)."""
+    also scores every run's best checkpoint on it (see `score`), with `stride` in sliding windows."""
     if len(run_dirs) < 2:
         raise UserError("compare needs at least two run dirs")
+    if stride is not None and data is None:
+        raise UserError("--stride sets how --data is scored; add --data FILE")
     runs = [load_run(path) for path in run_dirs]
-    scores = score(runs, data, split, batch_size, max_batches) if data is not None else None
+    scores = score(runs, data, split, batch_size, max_batches, stride) if data is not None else None
     names = [run.name for run in runs]
     for run in runs:  # two runs named alike (a/seed1, b/seed1): name them by their parent too
         if names.count(run.name) > 1:
@@ -93,13 +96,17 @@ def compare(
     _plot(runs, "tokens", 1e6, "tokens (millions)", out / BY_TOKENS)
     _plot(runs, "seconds", 60, "training time (minutes)", out / BY_TIME)
     report = out / REPORT
-    write_text(report, render(runs) + (render_scores(runs, scores, data, split) if scores else ""))
+    write_text(report, render(runs) + (render_scores(runs, scores, data, split, stride) if scores else ""))
     return report
 
 
-def score(runs: list[Run], data: str | os.PathLike, split: str, batch_size: int, max_batches: int | None) -> list:
+def score(
+    runs: list[Run], data: str | os.PathLike, split: str, batch_size: int, max_batches: int | None,
+    stride: int | None = None,
+) -> list:  # fmt: skip
     """Each run's best checkpoint scored by an `Evaluator` on the same text, in windows of the shortest context
-    among the runs (a longer context lowers the loss by itself); one `EvalResult` per run."""
+    among the runs (a longer context lowers the loss by itself), with `stride` in sliding windows; one
+    `EvalResult` per run."""
     from .checkpoint import load_model
     from .evaluate import Evaluator
 
@@ -107,19 +114,21 @@ def score(runs: list[Run], data: str | os.PathLike, split: str, batch_size: int,
     results = []
     for run in runs:  # one model in memory at a time
         model, tokenizer, _ = load_model(run.path)
-        evaluator = Evaluator.from_data(data, tokenizer, context, split, batch_size=batch_size, max_batches=max_batches)
+        evaluator = Evaluator.from_data(data, tokenizer, context, split, batch_size=batch_size,
+                                        max_batches=max_batches, stride=stride)  # fmt: skip
         results.append(evaluator.evaluate(model))
     return results
 
 
-def render_scores(runs: list[Run], scores: list, data: str | os.PathLike, split: str) -> str:
+def render_scores(runs: list[Run], scores: list, data: str | os.PathLike, split: str, stride: int | None = None) -> str:
     context = min(run.settings["model:context_length"] for run in runs)
+    sliding = f", each scored {stride} targets at a time after the tokens before them" if stride else ""
     lines = [
         "",
         "## On the same data",
         "",
         f"Each run's best checkpoint scored by the same evaluator on `{data}` (split `{split}` for a hub "
-        f"dataset), in windows of {context} tokens: bits per byte and nats per GPT-2 token compare across "
+        f"dataset), in windows of {context} tokens{sliding}: bits per byte and nats per GPT-2 token compare across "
         "tokenizers, loss per token only between runs with the same tokenizer.",
         "",
         "| run | text bytes | loss (nats/token) | bits/byte | nats/GPT-2 token |",
