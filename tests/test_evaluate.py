@@ -47,7 +47,7 @@ def test_evaluate_scores_spread_windows_and_counts_their_gpt2_tokens(bpe, model,
     windows = evaluator.windows
     indices = scored_windows(len(windows), 4, 3)
     assert indices[-1] > len(windows) // 2  # from the whole file, not its first 12 windows
-    one_by_one = [model.loss(*windows.stack([i]), reduction="sum").item() for i in indices]
+    one_by_one = [model.loss(*windows.tensors([windows.window(i)], "cpu"), reduction="sum").item() for i in indices]
     assert result.nats == pytest.approx(sum(one_by_one), rel=1e-5)
     assert result.gpt2_tokens == gpt2_tokens_scored(windows, indices, bpe)
     # all windows in order: consecutive windows are counted as the one text they are, not window by window

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -398,10 +398,6 @@ class TokenWindows:
         """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""
         positions = range(first, first + count)
         return self.tensors([self.window(self.window_index(p), p // self.num_windows) for p in positions], device)
-
-    def stack(self, indices: Iterable[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (len(indices), context_length) of the windows `indices` (as epoch 0 cuts them)."""
-        return self.tensors([self.window(int(i)) for i in indices], device)
 
     def pieces(self, index: int, stride: int) -> list[tuple[np.ndarray, int]]:
         """Window `index` (as epoch 0 cuts it) as sliding-window evaluation reads it: `stride` targets at a time,

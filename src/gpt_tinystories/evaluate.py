@@ -91,10 +91,7 @@ class Evaluator:
         autocast: contextlib.AbstractContextManager | None = None,
         stride: int | None = None,
     ) -> None:
-        length = windows.context_length
-        if stride is not None and (stride < 1 or length % stride):
-            example = f" (e.g. {length // 2})" if length % 2 == 0 else ""
-            raise UserError(f"stride {stride} must divide the context length {length}{example}")
+        check_stride(stride, windows.context_length)  # here too: a bad stride fails before any scoring
         self.windows, self.tokenizer, self.stride = windows, tokenizer, stride
         self.batch_size, self.max_batches = batch_size, max_batches
         self.device = torch.device(device)
@@ -163,6 +160,13 @@ class Evaluator:
             return judge_stories(Storyteller(model, self.tokenizer), texts, name, config, index)
 
 
+def check_stride(stride: int | None, length: int) -> None:
+    """Sliding windows tile a window's targets only with a stride that divides its length."""
+    if stride is not None and (stride < 1 or length % stride):
+        example = f" (e.g. {length // 2})" if length % 2 == 0 else ""
+        raise UserError(f"stride {stride} must divide the context length {length}{example}")
+
+
 def scored_windows(total: int, batch_size: int, max_batches: int | None) -> np.ndarray:
     """Which of `total` windows evaluate() scores: all, in order, or `max_batches * batch_size` of them spread
     evenly over the data (window i * total // count for i < count)."""
@@ -190,6 +194,7 @@ def evaluate(
     model.eval()
     device = token_bytes.device
     length = windows.context_length
+    check_stride(stride, length)
     indices = scored_windows(len(windows), batch_size, max_batches)
     rows = [piece for index in indices for piece in windows.pieces(int(index), stride or length)]
     positions = torch.arange(length, device=device)
