@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt_tinystories.config import ModelConfig
-from gpt_tinystories.model import GPT
+from gpt_tinystories.model import GPT, Dropout
 
 SMALL = ModelConfig(vocab_size=512, d_model=64, n_layer=2, n_head=4, context_length=64)
 
@@ -50,6 +50,26 @@ def test_attention_dropout_is_its_own_rate_and_defaults_to_dropout(monkeypatch, 
     # A config saved before the field existed meant one rate everywhere.
     old = {k: v for k, v in config.to_dict().items() if k != "attention_dropout"}
     assert ModelConfig.from_dict(old).attention_dropout == 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_p_of_the_elements_scales_the_rest_and_follows_the_seed(dtype):
+    dropout = Dropout(0.1)
+    x = torch.rand(4, 1000, 251).add_(0.5).to(dtype).requires_grad_()  # an odd count: the last draw is cut
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    assert y.dtype == dtype and kept.float().mean().item() == pytest.approx(0.9, abs=0.002)
+    scale = torch.tensor(1 / 0.9, dtype=dtype)  # as nn.Dropout: 1 / (1 - p) in the input's precision
+    assert torch.equal(y[kept], x[kept] * scale)
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.to(dtype) * scale)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)
+    assert not torch.equal(dropout(x), y)  # each call draws a new mask
+    assert (dropout(x)[-1] != 0).float().mean().item() == pytest.approx(0.9, abs=0.003)  # the last row drawn too
+    assert torch.equal(dropout.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
 
 
 def test_gpt2_init_scales_residual_projections_and_ties_the_head():

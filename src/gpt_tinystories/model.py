@@ -26,6 +26,20 @@ def make_norm(config: ModelConfig, size: int | None = None) -> nn.Module:
     return nn.LayerNorm(size, bias=config.bias)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper mask on a CPU. There PyTorch draws one number from its generator per element
+    (~5 ns each: 12-15% of the 10-minute recipe's step at dropout 0.1); here each 64-bit draw gives four 16-bit
+    numbers, so p is rounded to a multiple of 1/65536. Elsewhere, and under torch.compile, as nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)
+        n = x.numel()
+        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        keep = draws.view(torch.int16)[:n].view(x.shape) >= round(self.p * 65536) - 32768
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+
 def rotary_tables(positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype) -> tuple:
     """cos and sin of each position's rotation angles (RoPE, Su et al. 2021), in the rotate-half layout of
     transformers' Llama so that weights move between the two unchanged. `positions`: (time) or (batch, time)."""
@@ -128,7 +142,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = None if self.parallel else make_norm(config)
         self.mlp = MLP(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary: tuple | None = None,
@@ -147,7 +161,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = None if config.tied_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
