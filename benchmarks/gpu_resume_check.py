@@ -15,12 +15,14 @@ an H100.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 SAMPLE = Path(os.environ.get("TINYSTORIES_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/tinystories"))
@@ -57,6 +59,7 @@ def main() -> None:
     from gpt_tinystories.train import train
 
     folder = Path(tempfile.mkdtemp(prefix="gpu-resume-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # removed even when a check fails
     half = args.steps // 2
     config = TrainConfig(preset="1M", data=str(stories(folder)), tokenizer="bpe-1024", d_model=128, n_layer=4,
                          n_head=4, context_length=128, dropout=0.1, batch_size=16, tokens_per_step=4096,
@@ -64,6 +67,8 @@ def main() -> None:
                          log_every=1, sample_tokens=16, precision=args.precision, device=args.device)  # fmt: skip
     started = time.perf_counter()
     full = train(config, folder / "full", progress=False)
+    # "auto" precision is timed on a CPU, where a near-tie can pick the other one: the second run takes the first's
+    config = replace(config, precision=json.loads((folder / "full" / "config.json").read_text())["precision"])
     # Interrupt the second run as the CPU test does: train it whole, then drop every checkpoint after `half`, so
     # the resume starts from step `half` with the same config (a run stopped by max_steps=half would have decayed
     # its learning rate over half the steps: a different run, not an interrupted one).
@@ -88,7 +93,6 @@ def main() -> None:
     print(f"  largest |loss difference| after the resume: {worst:.3g} ({first})")
     print(f"  final weights equal: {weights_diff == 0.0} (largest difference {weights_diff:.3g})")
     print(f"  final val loss {full.val_loss:.4f} vs {resumed.val_loss:.4f}")
-    shutil.rmtree(folder)
 
 
 if __name__ == "__main__":
