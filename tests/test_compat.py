@@ -106,6 +106,7 @@ def test_an_old_run_resumes_where_it_stopped(old_run, monkeypatch, fixture_threa
     # the new checkpoint's metadata has the old one's keys and format, so older readers (which read keys by name)
     # still read it; the one key added since records what a resumed run took from the old one
     new_meta = json.loads((final / "meta.json").read_text())
-    assert [k for k in new_meta if k != "attention_precision"] == list(old_meta)
+    assert [k for k in new_meta if k not in ("attention_precision", "dropout_mask")] == list(old_meta)
     assert new_meta["format"] == old_meta["format"] and new_meta["attention_precision"] == "fp32"
+    assert new_meta["dropout_mask"] == "bernoulli"  # it continued with the old version's dropout draws
     assert [p.name for p in checkpoint.step_dirs(old_run)] == ["step-000010"]

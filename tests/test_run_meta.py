@@ -20,8 +20,8 @@ def test_run_meta_round_trips_through_a_checkpoint_with_the_keys_meta_json_alway
     checkpoint.save(tmp_path / "c", {"w": torch.zeros(2)}, meta.to_json())
     raw = json.loads((tmp_path / "c" / "meta.json").read_text())
     assert list(raw) == ["format", "step", "tokens", "train_seconds", "skipped_steps", "bad_steps_in_a_row",
-                         "val_loss", "best_val_loss", "precision", "attention_precision", "model_config",
-                         "train_config", "tokenizer", "files"]  # fmt: skip
+                         "val_loss", "best_val_loss", "precision", "attention_precision", "dropout_mask",
+                         "model_config", "train_config", "tokenizer", "files"]  # fmt: skip
     again = RunMeta.read(tmp_path / "c")
     assert again == RunMeta(**{**meta.__dict__, "files": raw["files"]})
     assert again.train_settings("here") == TrainConfig(preset="1M")

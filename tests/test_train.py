@@ -69,6 +69,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path, tokeniz
     assert digest(step12 / "model.safetensors") == digest(
         tmp_path / "full" / "checkpoints" / "step-000012" / "model.safetensors"
     )
+    # with model.Dropout's packed CPU draws, recorded so that a later version can continue them exactly
+    assert json.loads((step12 / "meta.json").read_text())["dropout_mask"] == "packed"
 
 
 def test_shifted_windows_change_what_a_run_sees_and_still_resume_exactly(tmp_path, tokenizer_file):

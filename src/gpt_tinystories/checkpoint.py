@@ -74,6 +74,7 @@ class RunMeta:
     best_val_loss: float | None = None
     precision: str | None = None  # the autocast precision the run measured and kept: fp32 | bf16
     attention_precision: str | None = None  # what attention ran in under it (train.choose_precision)
+    dropout_mask: str | None = None  # "packed": model.Dropout's CPU draws; None (made before them): PyTorch's
     model_config: ModelConfig | None = None
     train_config: dict = field(default_factory=dict)
     tokenizer: TokenizerRef = TokenizerRef()
@@ -110,7 +111,7 @@ class RunMeta:
         return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
                 "skipped_steps": self.skipped_steps, "bad_steps_in_a_row": self.bad_steps_in_a_row,
                 "val_loss": self.val_loss, "best_val_loss": self.best_val_loss, "precision": self.precision,
-                "attention_precision": self.attention_precision,
+                "attention_precision": self.attention_precision, "dropout_mask": self.dropout_mask,
                 "model_config": self.model_config.to_dict() if self.model_config else None,
                 "train_config": self.train_config, "tokenizer": asdict(self.tokenizer)}  # fmt: skip
 
@@ -382,11 +383,11 @@ class Checkpointer:
         return state["optimizer"]
 
     def start(self, config: TrainConfig, model_config: ModelConfig, precisions: tuple[str, str],
-              tokenizer: Tokenizer, device: torch.device) -> None:  # fmt: skip
+              tokenizer: Tokenizer, device: torch.device, dropout_mask: str = "packed") -> None:  # fmt: skip
         """What every checkpoint of the run records alike; each checkpoint folder carries the tokenizer too.
         `precisions`: the run's precision and its attention's (train.choose_precision)."""
         precision, attention_precision = precisions
-        self._run = RunMeta(precision=precision, attention_precision=attention_precision,
+        self._run = RunMeta(precision=precision, attention_precision=attention_precision, dropout_mask=dropout_mask,
                             model_config=model_config, train_config=config.to_dict(),
                             tokenizer=TokenizerRef(tokenizer.name, tokenizer.hash))  # fmt: skip
         self._files = {TOKENIZER_FILE: tokenizer.backend.to_str()}  # each checkpoint folder is self-contained

@@ -32,7 +32,7 @@ from .distributed import DataParallelLoss, Distributed
 from .errors import UserError
 from .evaluate import Evaluator
 from .metrics import LOG, METRICS, PLOT, RunLog
-from .model import GPT
+from .model import GPT, Dropout
 from .runtime import autocast_for, keep_freed_memory, peak_memory_mb
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -357,6 +357,11 @@ def _set_up(
         config, model_config, init_model, checkpointer, world, train_windows, budget, accumulation
     )
     model_config = model.config  # with the width and dropout its start chose
+    # a run resumed from a checkpoint made before model.Dropout's packed CPU draws continues with PyTorch's
+    dropout_mask = "packed" if meta is None or meta.dropout_mask == "packed" else "bernoulli"
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.packed = dropout_mask == "packed"
     if config.optimizer == "muon" and config.fsdp and world.distributed:
         raise UserError("--optimizer muon orthogonalises whole matrices, which FSDP shards; use DDP (drop --fsdp)")
     loss_fn = DataParallelLoss(model, world, fsdp=config.fsdp, compile=config.compile)  # shards under FSDP
@@ -367,7 +372,7 @@ def _set_up(
     eval_model.cpu_attention_fp32 = model.cpu_attention_fp32
     autocast = autocast_for(world.device, precision)
     evaluator = Evaluator(val_windows, tokenizer, config.batch_size, config.eval_batches, world.device, autocast)
-    checkpointer.start(config, model_config, (precision, attention_precision), tokenizer, world.device)
+    checkpointer.start(config, model_config, (precision, attention_precision), tokenizer, world.device, dropout_mask)
     run = Run(config, run_dir, world, tokenizer, model, eval_model, loss_fn, optimizers, train_windows, evaluator,
               checkpointer, budget, accumulation, windows_per_step, precision, attention_precision, autocast,
               planned, _Silent())  # fmt: skip
