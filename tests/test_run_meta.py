@@ -45,7 +45,7 @@ def test_bad_metadata_is_named(tmp_path):
 def test_the_checkpointer_keeps_the_best_and_prunes(tmp_path, bpe, gpt2):
     saver = Checkpointer(tmp_path, keep_last=2)
     assert saver.resume_point(TrainConfig(), required=False) is None
-    saver.start(TrainConfig(preset="1M"), CONFIG, ("fp32", "fp32"), bpe, torch.device("cpu"))
+    saver.start(TrainConfig(preset="1M"), CONFIG, ("fp32", "fp32"), bpe, torch.device("cpu"), "packed")
     for step, val_loss in ((1, 3.0), (2, 2.0), (3, None), (4, 2.5)):
         progress = dict(step=step, tokens=step * 10, train_seconds=float(step), skipped_steps=0, bad_steps_in_a_row=0)
         saver.save({"w": torch.full((2,), float(step))}, {"state": {}}, val_loss, **progress)

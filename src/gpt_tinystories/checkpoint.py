@@ -383,9 +383,10 @@ class Checkpointer:
         return state["optimizer"]
 
     def start(self, config: TrainConfig, model_config: ModelConfig, precisions: tuple[str, str],
-              tokenizer: Tokenizer, device: torch.device, dropout_mask: str = "packed") -> None:  # fmt: skip
+              tokenizer: Tokenizer, device: torch.device, dropout_mask: str) -> None:  # fmt: skip
         """What every checkpoint of the run records alike; each checkpoint folder carries the tokenizer too.
-        `precisions`: the run's precision and its attention's (train.choose_precision)."""
+        `precisions`: the run's precision and its attention's (train.choose_precision); `dropout_mask`: "packed"
+        (model.Dropout's CPU draws) or "bernoulli" (PyTorch's, for a run resumed from before them)."""
         precision, attention_precision = precisions
         self._run = RunMeta(precision=precision, attention_precision=attention_precision, dropout_mask=dropout_mask,
                             model_config=model_config, train_config=config.to_dict(),
