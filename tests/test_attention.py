@@ -1,6 +1,8 @@
 """Attention kernels (attention.py): each equals today's SDPA attention, document masking is exact, KV-cache
 decoding matches the whole-sequence forward, and a kernel that cannot run is refused in one line."""
 
+import functools
+
 import pytest
 import torch
 
@@ -34,11 +36,12 @@ def test_document_ids_and_positions_restart_at_each_eos():
     assert document_positions(idx, EOS).tolist() == [[0, 1, 0, 1, 2, 3, 0, 0, 1]]
 
 
+@pytest.mark.parametrize("time", [49, 48])  # windows of 48 (blocked: in halves) and 47 (plain SDPA)
 @pytest.mark.parametrize("kernel", ["sdpa", "blocked", "auto"])
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_kernels_train_like_todays_attention(kernel, position):
+def test_kernels_train_like_todays_attention(kernel, position, time):
     """Without documents every kernel gives the logits and gradients of plain causal SDPA (attention = sdpa)."""
-    idx = packed()
+    idx = packed(time=time)
     reference, model = tiny(position=position, attention="sdpa"), tiny(position=position, attention=kernel)
     reference.loss(idx[:, :-1], idx[:, 1:]).backward()
     model.loss(idx[:, :-1], idx[:, 1:]).backward()
@@ -99,6 +102,42 @@ def test_auto_measures_once_per_shape_and_picks_a_candidate():
     ((device, training, dtype, *shape), choice), *others = attention._chosen.items()
     assert not others and (device, training, choice in ("blocked", "sdpa")) == ("cpu", True, True)
     assert shape == [3, 4, 47, 8]
+
+
+def test_the_causal_kernel_is_measured_where_the_halves_can_run():
+    cpu = torch.device("cpu")
+    assert attention.choose_causal_kernel((2, 4, 48, 8), torch.float32, cpu, 0.0) in ("blocked", "sdpa")
+    assert attention.halves_problem(cpu, 48, 0.0) is None
+    assert attention.halves_problem(cpu, 47, 0.0) == "the halves need an even length"
+    assert attention.halves_problem(cpu, 48, 0.1) == "the halves have no dropout"
+    assert attention.halves_problem(torch.device("meta"), 48, 0.0).startswith("the halves use PyTorch's CPU")
+    with torch.random.fork_rng():
+        state = torch.get_rng_state()
+        attention.choose_causal_kernel((2, 4, 48, 8), torch.float32, cpu, 0.0)
+        assert torch.equal(torch.get_rng_state(), state)  # no draws from the run's generator
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["model", "contiguous"])
+def test_causal_halves_equal_causal_sdpa_in_forward_and_backward(dtype, layout):
+    """The halves' merged output and every gradient equal one causal SDPA call: in the model's layout (views of
+    one qkv projection) and contiguous, in fp32 and bf16 (bf16: within its rounding)."""
+    batch, heads, time, size = 3, 4, 48, 8
+    qkv = torch.randn(batch, time, 3 * heads * size, generator=torch.Generator().manual_seed(5)).to(dtype)
+    grad = torch.randn(batch, heads, time, size, generator=torch.Generator().manual_seed(6)).to(dtype)
+    results = []
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, is_causal=True)
+    for kernel in (sdpa, functools.partial(attention.CausalHalves.apply, scale=None)):
+        leaf = qkv.clone().requires_grad_()
+        q, k, v = (t.view(batch, time, heads, size).transpose(1, 2) for t in leaf.split(heads * size, dim=-1))
+        if layout == "contiguous":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = kernel(q, k, v)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, **tolerance)
 
 
 def test_auto_on_cpu_training_names_the_fallback_once(capsys):

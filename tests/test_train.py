@@ -110,6 +110,35 @@ def test_a_bf16_run_resumes_with_the_attention_precision_it_measured(tmp_path, t
     assert (resolved["precision"], resolved["attention_precision"]) == ("bf16", "bf16")
 
 
+def test_a_run_resumes_with_the_causal_attention_kernel_it_measured(tmp_path, tokenizer_file, monkeypatch):
+    """`attention = auto` times causal attention in halves against SDPA when a new run starts and records a win
+    in the model config: a resumed run attends in halves again without measuring (the kernels round apart)."""
+    from gpt_tinystories import attention
+    from gpt_tinystories import train as train_module
+
+    calls = []
+    halves = attention.CausalHalves.apply
+    monkeypatch.setattr(attention.CausalHalves, "apply", lambda *args: calls.append(1) or halves(*args))
+    config = tiny(tokenizer_file, max_steps=8, dropout=0.0)
+    shapes = []
+    monkeypatch.setattr(train_module, "choose_causal_kernel", lambda *args: shapes.append(args[:2]) or "blocked")
+    train(config, tmp_path / "full", progress=False)
+    assert shapes == [((4, 4, 64, 8), torch.float32)] and calls
+    train(config, tmp_path / "resumed", progress=False)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000008")
+    monkeypatch.setattr(train_module, "choose_causal_kernel", lambda *args: pytest.fail("measured on resume"))
+    calls.clear()
+    train(config, tmp_path / "resumed", resume=True, progress=False)
+    assert calls and [r["loss"] for r in records(tmp_path / "resumed", "train")] == [
+        r["loss"] for r in records(tmp_path / "full", "train")
+    ]
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["model"]["attention"] == "blocked"
+    # document masking (auto measures per batch) or --compile: nothing measured at the start
+    for changed in (replace(config, document_mask=True), replace(config, compile=True)):
+        assert not train_module._measures_attention(changed.model_config(50, eos_id=0), changed)
+    assert train_module._measures_attention(config.model_config(50), config)
+
+
 def test_the_run_dir_holds_everything_a_user_looks_for(tmp_path, tokenizer_file):
     result = train(tiny(tokenizer_file, max_steps=40, eval_every=10, dropout=0.0), tmp_path / "run", progress=False)
     run = tmp_path / "run"

@@ -6,10 +6,12 @@ kernels compute the same thing; `attention = auto` picks one per shape by measur
 its precision:
 - `sdpa`: PyTorch's fused scaled_dot_product_attention, causal; with documents, a dense (time x time) mask.
 - `blocked`: with documents, causal SDPA on each story separately, so the pairs across stories — about 2/3 of
-  a 512-token window of ~200-token stories — are never computed. Without documents it is plain causal SDPA:
-  the fused causal kernels (CPU flash included) already skip the blocks above the diagonal. On a CPU it was
-  measured slower than the dense mask (Xeon Cascade Lake, torch 2.13): the CPU flash kernel's cost per pair is
-  several times higher on short sequences than on one long one — hence measuring, not assuming.
+  a 512-token window of ~200-token stories — are never computed. On a CPU it was measured slower than the dense
+  mask (Xeon Cascade Lake, torch 2.13): the CPU flash kernel's cost per pair is several times higher on short
+  sequences than on one long one — hence measuring, not assuming. Without documents, on a CPU, causal attention
+  in two halves (`CausalHalves`): PyTorch's CPU flash kernel computes every pair of a causal window up to 512
+  long, masked or not (it splits keys in blocks of 512), so the pairs above the diagonal cost as much as the
+  others; the halves compute 3/4 of them. Elsewhere plain causal SDPA, whose CUDA kernels skip them already.
 - `flex`: torch.nn.attention.flex_attention with a causal (+ document) block mask, compiled. Its CPU
   version (inductor, needs a C++ compiler) has no backward in torch <= 2.13: on CPU it serves evaluation only.
 KV-cache decoding does not come here (see model.KVCache): a prompt is decoded as one story.
@@ -93,6 +95,8 @@ class AttentionPlan:
         if kernel == "flex":
             return _compiled_flex()(q, k, v, block_mask=self.block_mask(q), scale=scale)
         if self.documents is None:
+            if kernel == "blocked" and halves_problem(q.device, q.shape[2], self.dropout) is None:
+                return CausalHalves.apply(q, k, v, scale)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout, scale=scale)
         if kernel == "blocked":
             return self.blocked(q, k, v, scale)
@@ -142,8 +146,8 @@ class AttentionPlan:
             return "flex"
         if self.kernel != "auto":
             return self.kernel
-        if self.documents is None:
-            return "sdpa"  # plain causal: nothing for the others to skip that SDPA's causal kernel does not
+        if self.documents is None:  # training measures the halves once at its start (choose_causal_kernel)
+            return "sdpa"
         # flex is auto's candidate on CUDA only: on CPU it cannot train, and its forward was not faster there.
         problem = flex_problem(q.device, training) or ("flex_attention has no dropout" if self.dropout else None)
         candidates = ["blocked", "sdpa"] + (["flex"] if q.device.type == "cuda" and problem is None else [])
@@ -176,6 +180,89 @@ class AttentionPlan:
             out.sum().backward()
         _sync(inputs[0].device)
         return time.perf_counter() - started
+
+
+def halves_problem(device: torch.device, time_: int, dropout: float) -> str | None:
+    """Why CausalHalves cannot attend over `time_` positions here, or None when it can."""
+    if device.type != "cpu" or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return "the halves use PyTorch's CPU flash-attention kernel"
+    if torch.compiler.is_compiling():
+        return "the halves are not compiled"
+    if dropout:
+        return "the halves have no dropout"
+    return "the halves need an even length" if time_ % 2 else None
+
+
+def choose_causal_kernel(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, dropout: float) -> str:
+    """`attention = auto`'s kernel for causal attention without documents over (batch, heads, time, head size)
+    in `dtype`: "blocked" (CausalHalves) where it measures faster than SDPA's causal kernel, forward + backward
+    (best of 3 alternating rounds after a warm-up, on random inputs: no RNG draws), else "sdpa". Training calls
+    it once at a run's start and records a "blocked" choice in the model config, so a resumed run attends alike."""
+    if halves_problem(device, shape[2], dropout) is not None:
+        return "sdpa"
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator).to(dtype).requires_grad_() for _ in range(3))
+    kernels = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "blocked": lambda: CausalHalves.apply(q, k, v, None)}  # fmt: skip
+    best = dict.fromkeys(kernels, float("inf"))
+    for round_ in range(4):
+        for name, kernel in kernels.items():
+            started = time.perf_counter()
+            kernel().sum().backward()
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - started)
+    return min(best, key=best.get)
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, 2 * half, ...) -> (2 * batch, heads, half, ...): the two halves of each row as rows (a view
+    for the model's layout, where the time axis strides over the heads)."""
+    return x.unflatten(2, (2, x.shape[2] // 2)).transpose(1, 2).flatten(0, 1)
+
+
+def _unfold(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """_fold's inverse, written into `out`."""
+    out.unflatten(2, (2, out.shape[2] // 2)).transpose(1, 2).copy_(x.unflatten(0, (out.shape[0], 2)))
+    return out
+
+
+class CausalHalves(torch.autograd.Function):
+    """Exact causal attention as three quarters of the pairs: the two diagonal halves (causal, one kernel call
+    with the halves as rows) and the second half's queries over the first half's keys (no mask), merged by
+    their log-sum-exps. The backward gives PyTorch's flash backward each part with the merged output and
+    log-sum-exp, which makes each part's gradients exact, as ring attention does across devices."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:  # noqa: ANN001
+        batch, heads, time_, size = q.shape
+        half = slice(time_ // 2, None)
+        first = slice(None, time_ // 2)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        diagonal, diagonal_lse = flash(_fold(q), _fold(k), _fold(v), 0.0, True, scale=scale)
+        across, across_lse = flash(q[:, :, half], k[:, :, first], v[:, :, first], 0.0, False, scale=scale)
+        out = _unfold(diagonal, q.new_empty(batch, time_, heads, size).transpose(1, 2))  # the caller's layout
+        lse = _unfold(diagonal_lse, diagonal_lse.new_empty(batch, heads, time_))
+        merged = torch.logaddexp(lse[:, :, half], across_lse)
+        out[:, :, half] = (out[:, :, half].float() * (lse[:, :, half] - merged).exp()[..., None]
+                           + across.float() * (across_lse - merged).exp()[..., None])  # fmt: skip
+        lse[:, :, half] = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        q, k, v, out, lse = ctx.saved_tensors
+        half, first = slice(q.shape[2] // 2, None), slice(None, q.shape[2] // 2)
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        parts = flash_backward(*map(_fold, (grad, q, k, v, out, lse)), 0.0, True, scale=ctx.scale)
+        dq, dk, dv = (_unfold(part, torch.empty_like(x)) for part, x in zip(parts, (q, k, v), strict=True))
+        across = flash_backward(grad[:, :, half], q[:, :, half], k[:, :, first], v[:, :, first], out[:, :, half],
+                                lse[:, :, half], 0.0, False, scale=ctx.scale)  # fmt: skip
+        dq[:, :, half] += across[0]
+        dk[:, :, first] += across[1]
+        dv[:, :, first] += across[2]
+        return dq, dk, dv, None
 
 
 def _causal(b, h, query, key):  # noqa: ANN001, ANN202 (flex's mask_mod signature)

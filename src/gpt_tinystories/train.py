@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import atomic, checkpoint
+from .attention import choose_causal_kernel
 from .checkpoint import Checkpointer
 from .config import NARROW_BELOW_PASSES, ModelConfig, TrainConfig, parse_duration
 from .data import TokenWindows, is_hub_id, is_prepared, iter_stories, prepare
@@ -468,7 +469,18 @@ def _build_model(config: TrainConfig, model_config: ModelConfig, init_model: GPT
             if dropout := auto_dropout(planned.dropout_passes):
                 model = build(replace(model_config, dropout=dropout, attention_dropout=config.attention_dropout))
     model.cpu_attention_fp32 = precisions[1] == "fp32"
+    if checkpointer.resumed is None and _measures_attention(model.config, config):
+        dtype = torch.bfloat16 if precisions == ("bf16", "bf16") else torch.float32
+        shape = (config.batch_size, model.config.n_head, config.context_length, model.config.head_size)
+        kernel = world.broadcast(choose_causal_kernel(shape, dtype, world.device, model.config.attention_dropout))
+        if kernel == "blocked":  # recorded, so that a resumed run attends alike; "auto" is SDPA's causal kernel
+            model.config = replace(model.config, attention=kernel)
     return model, precisions, optimizer_state, planned
+
+
+def _measures_attention(model_config: ModelConfig, config: TrainConfig) -> bool:
+    """Whether a new run times its causal attention's kernels (attention.choose_causal_kernel) before starting."""
+    return model_config.attention == "auto" and not model_config.document_mask and not config.compile
 
 
 def _start_run_dir(run: Run, resume_step: int | None) -> RunLog:
