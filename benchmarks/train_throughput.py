@@ -12,9 +12,10 @@ fresh processes (so neither shares cores or allocator state with the other):
 - ours with --document-mask as a third side: attention kept within each story (a different model, so
   named apart; the first two compute the same thing).
 - a ceiling: the step's matrix products (forward and both backward products of every linear layer and the LM
-  head, at the batch's token count) and its attention calls (SDPA forward + backward, every layer), timed alone
-  in the precisions ours used, with nothing else, each its fastest of the timed steps. Both trainers run at
-  least these kernels, so tokens over their time bounds any trainer built on PyTorch's kernels, and the
+  head, at the batch's token count) and its attention calls (forward + backward, every layer: causal SDPA, or on
+  a CPU causal attention in halves where that is faster), timed alone in the precisions ours used, with nothing
+  else, each its fastest of the timed steps. Both trainers run at least these kernels (transformers more: SDPA
+  alone), so tokens over their time bounds any trainer built on PyTorch's kernels, and the
   ceiling over transformers' figure bounds the speed-up a faster trainer (rather than fewer operations or
   faster kernels) could show.
 Peak memory is the peak resident set of each process (CPU) or peak allocated CUDA memory. The header names
@@ -25,6 +26,7 @@ a load above the core count means other processes shared the cores, and the figu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -68,6 +70,7 @@ def worker(args: argparse.Namespace) -> dict:
             resolved = json.loads((Path(tmp) / "run" / "config.json").read_text())
         precision, attention = resolved["precision"], resolved["attention_precision"]
         precision += f" (attention {attention})" if attention != precision else ""
+        precision += ", attention in halves" if resolved["model"]["attention"] == "blocked" else ""
         start, end = records[args.warmup - 1], records[-1]
         tokens_per_second = (end["tokens"] - start["tokens"]) / (end["seconds"] - start["seconds"])
         result = {"tokens_per_second": tokens_per_second, "precision": precision,
@@ -109,6 +112,7 @@ def ceiling(args: argparse.Namespace, model_config, device) -> dict:  # noqa: AN
     import torch
     import torch.nn.functional as F
 
+    from gpt_tinystories.attention import CausalHalves, halves_problem
     from gpt_tinystories.model import GPT
     from gpt_tinystories.runtime import keep_freed_memory
 
@@ -143,12 +147,16 @@ def ceiling(args: argparse.Namespace, model_config, device) -> dict:  # noqa: AN
         for a, b in products:
             a @ b  # each result freed at once, as in training, so the allocator hands its memory back warm
 
-    def attention() -> None:
-        for _ in range(layers):
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    kernels = {"sdpa": functools.partial(F.scaled_dot_product_attention, is_causal=True)}
+    if halves_problem(device, args.context, 0.0) is None:  # on a CPU, causal attention in halves is a candidate
+        kernels["halves"] = functools.partial(CausalHalves.apply, scale=None)
+
+    def attention(kernel: Callable) -> Callable[[], None]:
+        return lambda: [kernel(q, k, v).sum().backward() for _ in range(layers)]
 
     keep_freed_memory()  # as train() does
-    matmul_seconds, attention_seconds = timed(matmuls), timed(attention)
+    matmul_seconds = timed(matmuls)
+    attention_seconds = min(timed(attention(kernel)) for kernel in kernels.values())
     flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in products)
     return {"tokens_per_second": rows / (matmul_seconds + attention_seconds), "matmul_seconds": matmul_seconds,
             "attention_seconds": attention_seconds, "matmul_gflops": flops / matmul_seconds / 1e9}  # fmt: skip
