@@ -9,9 +9,9 @@ its precision:
   a 512-token window of ~200-token stories — are never computed. On a CPU it was measured slower than the dense
   mask (Xeon Cascade Lake, torch 2.13): the CPU flash kernel's cost per pair is several times higher on short
   sequences than on one long one — hence measuring, not assuming. Without documents, on a CPU, causal attention
-  in two halves (`CausalHalves`): PyTorch's CPU flash kernel computes every pair of a causal window up to 512
-  long, masked or not (it splits keys in blocks of 512), so the pairs above the diagonal cost as much as the
-  others; the halves compute 3/4 of them. Elsewhere plain causal SDPA, whose CUDA kernels skip them already.
+  in two halves (`CausalHalves`): PyTorch's CPU flash kernel skips whole blocks of keys only, so in a causal
+  window up to 512 long the pairs above the diagonal cost as much as the others (measured: causal and unmasked
+  alike); the halves compute 3/4 of the pairs. Elsewhere plain causal SDPA, whose CUDA kernels skip them.
 - `flex`: torch.nn.attention.flex_attention with a causal (+ document) block mask, compiled. Its CPU
   version (inductor, needs a C++ compiler) has no backward in torch <= 2.13: on CPU it serves evaluation only.
 KV-cache decoding does not come here (see model.KVCache): a prompt is decoded as one story.
