@@ -79,13 +79,14 @@ def test_a_storys_loss_does_not_change_when_another_story_is_packed_before_it(ke
     assert not torch.allclose(unmasked_logits, unmasked(story[:, :-1]), atol=1e-3)
 
 
+@pytest.mark.parametrize("length", [20, 21])  # 21 and 22 positions: blocked without documents in halves at 22
 @pytest.mark.parametrize("document_mask", [False, True])
 @pytest.mark.parametrize("kernel", ["sdpa", "blocked"])
-def test_kv_cache_decoding_equals_the_whole_sequence_forward(kernel, document_mask):
+def test_kv_cache_decoding_equals_the_whole_sequence_forward(kernel, document_mask, length):
     """A prompt is one story (EOS first, none after): decoding token by token from the cache gives the logits
     the training-time kernels give for the whole sequence."""
     model = tiny(attention=kernel, document_mask=document_mask, eos_id=EOS, position="rope").eval()
-    story = torch.randint(1, 50, (1, 20), generator=torch.Generator().manual_seed(3))
+    story = torch.randint(1, 50, (1, length), generator=torch.Generator().manual_seed(3))
     idx = torch.cat([torch.tensor([[EOS]]), story], dim=1)
     with torch.no_grad():
         whole = model(idx)
