@@ -345,6 +345,17 @@ def test_precision_is_measured_over_several_rounds_so_one_slow_timing_does_not_d
     assert choose_precision("auto", torch.device("cpu"), model, batch) == ("bf16", "fp32")
 
 
+@pytest.mark.parametrize(("attention_in_bf16", "chosen"), [(0.95, "fp32"), (0.85, "bf16")])
+def test_attention_runs_in_bf16_only_where_that_is_10_percent_faster(monkeypatch, attention_in_bf16, chosen):
+    """A near-tie between attention in bf16 and in fp32 under bf16 autocast keeps fp32, so that runs on one
+    machine do not flip between the two (they round apart)."""
+    from gpt_tinystories import train as train_module
+
+    seconds = {("fp32", "fp32"): 3.0, ("bf16", "bf16"): attention_in_bf16, ("bf16", "fp32"): 1.0}
+    monkeypatch.setattr(train_module, "_time_rows", lambda model, batch, device, candidates: seconds)
+    assert choose_precision("auto", torch.device("cpu"), None, None) == ("bf16", chosen)
+
+
 def run_cli(*args, cwd=REPO, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, text=True,
