@@ -237,17 +237,16 @@ class CausalHalves(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:  # noqa: ANN001
         batch, heads, time_, size = q.shape
-        half = slice(time_ // 2, None)
-        first = slice(None, time_ // 2)
+        first, second = slice(None, time_ // 2), slice(time_ // 2, None)
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         diagonal, diagonal_lse = flash(_fold(q), _fold(k), _fold(v), 0.0, True, scale=scale)
-        across, across_lse = flash(q[:, :, half], k[:, :, first], v[:, :, first], 0.0, False, scale=scale)
+        across, across_lse = flash(q[:, :, second], k[:, :, first], v[:, :, first], 0.0, False, scale=scale)
         out = _unfold(diagonal, q.new_empty(batch, time_, heads, size).transpose(1, 2))  # the caller's layout
         lse = _unfold(diagonal_lse, diagonal_lse.new_empty(batch, heads, time_))
-        merged = torch.logaddexp(lse[:, :, half], across_lse)
-        out[:, :, half] = (out[:, :, half].float() * (lse[:, :, half] - merged).exp()[..., None]
-                           + across.float() * (across_lse - merged).exp()[..., None])  # fmt: skip
-        lse[:, :, half] = merged
+        merged = torch.logaddexp(lse[:, :, second], across_lse)
+        out[:, :, second] = (out[:, :, second].float() * (lse[:, :, second] - merged).exp()[..., None]
+                             + across.float() * (across_lse - merged).exp()[..., None])  # fmt: skip
+        lse[:, :, second] = merged
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -255,13 +254,13 @@ class CausalHalves(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
         q, k, v, out, lse = ctx.saved_tensors
-        half, first = slice(q.shape[2] // 2, None), slice(None, q.shape[2] // 2)
+        first, second = slice(None, q.shape[2] // 2), slice(q.shape[2] // 2, None)
         flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         parts = flash_backward(*map(_fold, (grad, q, k, v, out, lse)), 0.0, True, scale=ctx.scale)
         dq, dk, dv = (_unfold(part, torch.empty_like(x)) for part, x in zip(parts, (q, k, v), strict=True))
-        across = flash_backward(grad[:, :, half], q[:, :, half], k[:, :, first], v[:, :, first], out[:, :, half],
-                                lse[:, :, half], 0.0, False, scale=ctx.scale)  # fmt: skip
-        dq[:, :, half] += across[0]
+        across = flash_backward(grad[:, :, second], q[:, :, second], k[:, :, first], v[:, :, first], out[:, :, second],
+                                lse[:, :, second], 0.0, False, scale=ctx.scale)  # fmt: skip
+        dq[:, :, second] += across[0]
         dk[:, :, first] += across[1]
         dv[:, :, first] += across[2]
         return dq, dk, dv, None
