@@ -118,6 +118,17 @@ def test_the_causal_kernel_is_measured_where_the_halves_can_run():
         assert torch.equal(torch.get_rng_state(), state)  # no draws from the run's generator
 
 
+def test_blocked_without_documents_names_its_fallback_to_sdpa_once(capsys):
+    attention._told.clear()
+    model = tiny(attention="blocked", attention_dropout=0.1)  # the halves have no dropout
+    idx = packed(time=49)
+    for _ in range(2):
+        model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    model.eval()(idx[:, :-2])  # an odd length falls back silently: it is a batch's, not a setting
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["attention blocked: the halves have no dropout; causal SDPA instead"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["model", "contiguous"])
 def test_causal_halves_equal_causal_sdpa_in_forward_and_backward(dtype, layout):
