@@ -95,11 +95,12 @@ class AttentionPlan:
         if kernel == "flex":
             return _compiled_flex()(q, k, v, block_mask=self.block_mask(q), scale=scale)
         if self.documents is None:
-            problem = halves_problem(q.device, q.shape[2], self.dropout) if kernel == "blocked" else "sdpa"
-            if problem is None:
-                return CausalHalves.apply(q, k, v, scale)
-            if kernel == "blocked" and q.device.type == "cpu" and self.dropout:  # a setting, not a batch's length
-                _tell(f"attention blocked: {problem}; causal SDPA instead")
+            if kernel == "blocked":
+                problem = halves_problem(q.device, q.shape[2], self.dropout)
+                if problem is None:
+                    return CausalHalves.apply(q, k, v, scale)
+                if q.device.type == "cpu" and self.dropout:  # a setting, not a batch's length: say so
+                    _tell(f"attention blocked: {problem}; causal SDPA instead")
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout, scale=scale)
         if kernel == "blocked":
             return self.blocked(q, k, v, scale)
