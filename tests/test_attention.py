@@ -13,6 +13,7 @@ from gpt_tinystories.errors import UserError
 from gpt_tinystories.model import GPT
 
 EOS = 0
+FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def tiny(**overrides) -> GPT:
@@ -127,6 +128,33 @@ def test_blocked_without_documents_names_its_fallback_to_sdpa_once(capsys):
     model.eval()(idx[:, :-2])  # an odd length falls back silently: it is a batch's, not a setting
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["attention blocked: the halves have no dropout; causal SDPA instead"]
+
+
+@pytest.mark.parametrize(
+    ("backward", "why"),
+    [(lambda *args, **kwargs: [2 * g for g in FLASH_BACKWARD(*args, **kwargs)], "their results differ"),
+     (lambda *args: FLASH_BACKWARD(*args), "TypeError: ")],  # another signature: scale is no keyword there
+    ids=["results", "signature"],
+)  # fmt: skip
+def test_halves_that_fail_their_check_fall_back_to_sdpa_in_one_line(monkeypatch, capsys, backward, why):
+    """The halves call private ops: where this torch's differ (results or signature), a run attends with SDPA."""
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", backward)
+    attention._halves_check.cache_clear()
+    attention._told.clear()
+    try:
+        problem = attention.halves_problem(torch.device("cpu"), 48, 0.0)
+        assert problem.startswith(f"the halves failed their check against SDPA on torch {torch.__version__} ({why}")
+        assert attention.choose_causal_kernel((2, 4, 48, 8), torch.float32, torch.device("cpu"), 0.0) == "sdpa"
+        losses = []
+        for kernel in ("blocked", "sdpa"):
+            model, idx = tiny(attention=kernel), packed()
+            loss = model.loss(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            losses.append((loss, model.blocks[0].attn.qkv.weight.grad))
+        assert torch.equal(*(loss for loss, _ in losses)) and torch.equal(*(grad for _, grad in losses))
+        assert capsys.readouterr().err.splitlines() == [f"attention: {problem}; causal SDPA instead"]
+    finally:
+        attention._halves_check.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

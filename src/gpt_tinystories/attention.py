@@ -11,7 +11,8 @@ its precision:
   sequences than on one long one — hence measuring, not assuming. Without documents, on a CPU, causal attention
   in two halves (`CausalHalves`): PyTorch's CPU flash kernel skips whole blocks of keys only, so in a causal
   window up to 512 long the pairs above the diagonal cost as much as the others (measured: causal and unmasked
-  alike); the halves compute 3/4 of the pairs. Elsewhere plain causal SDPA, whose CUDA kernels skip them.
+  alike); the halves compute 3/4 of the pairs (through private ops, checked against SDPA once per process).
+  Elsewhere plain causal SDPA, whose CUDA kernels skip them.
 - `flex`: torch.nn.attention.flex_attention with a causal (+ document) block mask, compiled. Its CPU
   version (inductor, needs a C++ compiler) has no backward in torch <= 2.13: on CPU it serves evaluation only.
 KV-cache decoding does not come here (see model.KVCache): a prompt is decoded as one story.
@@ -194,7 +195,40 @@ def halves_problem(device: torch.device, time_: int, dropout: float) -> str | No
         return "the halves are not compiled"
     if dropout:
         return "the halves have no dropout"
-    return "the halves need an even length" if time_ % 2 else None
+    if time_ % 2:
+        return "the halves need an even length"
+    return _halves_check()
+
+
+@functools.cache
+def _halves_check() -> str | None:
+    """Why the halves disagree with causal SDPA in this torch, or None. They call private flash-attention ops
+    (the only ones that return the log-sum-exp), tested on torch 2.13 only: once per process, a tiny case in the
+    model's layout checks their output and gradients before any run trusts them."""
+    batch, heads, time_, size = 2, 2, 8, 4
+    qkv = torch.randn(batch, time_, 3 * heads * size, generator=torch.Generator().manual_seed(0))
+    results = []
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for kernel in (functools.partial(F.scaled_dot_product_attention, is_causal=True),
+                       functools.partial(CausalHalves.apply, scale=None)):  # fmt: skip
+            leaf = qkv.clone().requires_grad_()
+            q, k, v = (t.unflatten(-1, (heads, size)).transpose(1, 2) for t in leaf.split(heads * size, dim=-1))
+            try:
+                out = kernel(q, k, v)
+                out.backward(torch.ones_like(out))
+            except Exception as error:  # an op missing or with another signature
+                return _halves_failed(f"{type(error).__name__}: {error}".splitlines()[0])
+            results.append((out.detach(), leaf.grad))
+    for ours, reference in zip(results[1], results[0], strict=True):
+        if not torch.allclose(ours, reference, atol=1e-4, rtol=1e-4):
+            return _halves_failed("their results differ")
+    return None
+
+
+def _halves_failed(why: str) -> str:
+    problem = f"the halves failed their check against SDPA on torch {torch.__version__} ({why})"
+    _tell(f"attention: {problem}; causal SDPA instead")
+    return problem
 
 
 def choose_causal_kernel(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, dropout: float) -> str:
