@@ -87,6 +87,7 @@ def test_eval_reports_fair_metrics_as_json(run_dir, bpe):
         (["generate", "--checkpoint", "{tmp}/none"], "no checkpoint at"),
         (["generate", "--checkpoint", "{run}", "--max-new-tokens", "0"], "positive integer"),
         (["generate", "--checkpoint", "{run}", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["generate", "--checkpoint", "{run}", "--temperature", "nan"], "--temperature must be >= 0 and finite"),
         (["generate", "--checkpoint", "{run}", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["generate", "--checkpoint", "{run}", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["generate", "--checkpoint", "{broken}"], "damaged"),

@@ -298,13 +298,14 @@ class TrainConfig:
         positive = ("lr", "batch_size", "tokens_per_step", "eval_every", "eval_batches", "log_every", "keep_last",
                     "max_steps", "max_tokens", "max_epochs", "checkpoint_every", "threads",
                     "max_bad_steps")  # fmt: skip
-        for name in positive:
+        for name in positive:  # written so that nan and inf fail too
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"{name} must be > 0, got {value}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"{name} must be > 0 and finite, got {value}")
         for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "narrow_d_model"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{name} must be >= 0 and finite, got {value}")
         for name in ("beta1", "beta2", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
