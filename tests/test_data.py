@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -147,6 +148,9 @@ def test_a_folder_without_stories_is_an_error(gpt2, tmp_path):
     (tmp_path / "readme.md").write_text("nothing here")
     with pytest.raises(UserError, match="holds no .txt, .jsonl, .parquet file"):
         prepare(tmp_path, gpt2, progress=False)
+    os.mkfifo(tmp_path / "pipe")  # neither a file nor a folder, as /dev/null or <(zcat stories.txt.gz)
+    with pytest.raises(UserError, match="pipe is neither a file nor a folder; point --data at a .txt, .jsonl"):
+        prepare(tmp_path / "pipe", gpt2, progress=False)
 
 
 def test_prepare_refuses_to_overwrite_another_prepared_folder(gpt2, bpe, tmp_path):

@@ -44,6 +44,9 @@ def find_files(source: str | os.PathLike) -> list[Path]:
         if path.suffix not in SUPPORTED_SUFFIXES:
             raise UserError(f"unsupported data file {path}; use one of: {', '.join(SUPPORTED_SUFFIXES)}")
         return [path]
+    if not path.is_dir():  # a device or a pipe, such as /dev/null or <(zcat ...)
+        kinds = ", ".join(SUPPORTED_SUFFIXES)
+        raise UserError(f"{path} is neither a file nor a folder; point --data at a {kinds} file or a folder of them")
     found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
     if not found:
         raise UserError(f"folder {path} holds no {', '.join(SUPPORTED_SUFFIXES)} file; point --data at one")
