@@ -259,6 +259,8 @@ def test_export_command_writes_gguf_and_refuses_to_overwrite(bpe, tmp_path):
                          tmp_path / "story.gguf")  # fmt: skip
     assert code == 0 and "GGUF file (q8_0)" in out, err
     assert (tmp_path / "story.gguf").read_bytes()[:4] == b"GGUF"
+    code, _, err = cli("export", "--checkpoint", run, "--format", "gguf", "--out", tmp_path / "a" / "b.gguf")
+    assert code == 0 and (tmp_path / "a" / "b.gguf").read_bytes()[:4] == b"GGUF", err  # its folder made, as for hf
     before = (tmp_path / "story.gguf").read_bytes()
     (tmp_path / "link.gguf").symlink_to(tmp_path / "elsewhere.gguf")
     (tmp_path / "full").mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,13 @@ from pathlib import Path
 def temporary(path: Path, tag: str = "tmp") -> Path:
     """The hidden name `path` is written under (or moved aside to, with tag "old") by this process."""
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+
+
+def target_of(path: str | os.PathLike) -> Path:
+    """The path a temporary name stands for (`temporary`'s inverse, in any part of it: a file in a staging
+    folder too), for messages; other paths as they are."""
+    hidden = re.compile(r"\.(.+)\.(?:tmp|old)-\d+(?:\.[^.]*)?")
+    return Path(*((match[1] if (match := hidden.fullmatch(part)) else part) for part in Path(path).parts))
 
 
 def write_text(path: str | os.PathLike, text: str, sync: bool = False) -> None:

@@ -55,6 +55,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, outtyp
         raise UserError(f"GGUF export: {reason}")
     out = Path(out)
     arch = {"llama": "llama", "gpt_neox": "gptneox"}.get(architecture(model.config), "gpt2")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the folder exports do
     with replacing(out) as tmp:  # a crash or a full disk leaves no half-written file behind
         _write(gguf.GGUFWriter(tmp, arch), model, tokenizer, arch, outtype)
     return out
