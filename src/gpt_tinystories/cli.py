@@ -593,8 +593,7 @@ def _describe_os_error(error: OSError) -> str:
 
     from .atomic import target_of
 
-    path = target_of(error.filename) if error.filename else None  # the file meant, not its temporary name
-    where = f"{path}: " if path else ""
+    where = f"{target_of(error.filename)}: " if error.filename else ""  # the file meant, not its temporary name
     what = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         fix = "free some disk space (or raise the file size limit) or write elsewhere, then run the command again"
