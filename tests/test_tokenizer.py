@@ -69,6 +69,17 @@ def test_bad_tokenizer_files_raise_user_errors(tmp_path):
         Tokenizer.train(["a story"], 100)
 
 
+def test_a_tokenizer_smaller_than_asked_is_noted(capsys):
+    tokenizer = Tokenizer.train(["a story, a story."], 300)
+    lines = capsys.readouterr().err.splitlines()
+    assert tokenizer.vocab_size < 300 and lines == [
+        f"note: the stories gave {tokenizer.vocab_size} tokens, fewer than the 300 asked for: train the tokenizer "
+        "on more text for more"
+    ]
+    Tokenizer.train(list(iter_stories(sample("fixture-5-stories.txt"))), 300)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "bpe"])
 def test_token_bytes_add_up_to_the_utf8_length_of_the_text(kind, request):
     tokenizer = request.getfixturevalue(kind)

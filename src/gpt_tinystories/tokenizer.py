@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from importlib.resources import files
@@ -68,6 +69,9 @@ class Tokenizer:
         backend.train_from_iterator(counted(), trainer=trainer)
         if not seen:  # the trainer would happily return the bare byte alphabet
             raise UserError("no stories to train the tokenizer on; is the data empty? pass a file with stories")
+        if (learned := backend.get_vocab_size()) < vocab_size:  # the text holds no more pairs to merge
+            print(f"note: the stories gave {learned:,} tokens, fewer than the {vocab_size:,} asked for: train the "
+                  "tokenizer on more text for more", file=sys.stderr)  # fmt: skip
         return cls(backend, f"bpe-{vocab_size}")
 
     @classmethod
