@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from gpt_tinystories.config import ModelConfig
+from gpt_tinystories.errors import UserError
 from gpt_tinystories.generate import Sampling, Storyteller, TextStream, beam_search, generate
 from gpt_tinystories.model import GPT
 from gpt_tinystories.tokenizer import EOS
@@ -145,3 +146,26 @@ def test_keep_eos_tells_a_story_that_ended_from_one_that_was_cut(bpe):
     assert list(teller.stream("Once upon a time", max_new_tokens=5, seed=4, keep_eos=True)) == [EOS]
     assert list(teller.stream("Once upon a time", max_new_tokens=5, seed=4)) == []
     assert teller.beam_search("Once", max_new_tokens=5, num_beams=2, keep_eos=True) == EOS
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs", "message"),
+    [
+        ("generate", {"temperature": float("nan")}, r"temperature must be >= 0 and finite \(0 is greedy\), got nan"),
+        ("generate", {"temperature": -1.0}, r"temperature must be >= 0 and finite \(0 is greedy\), got -1.0"),
+        ("generate", {"top_k": 0}, "top_k must be a positive integer, got 0"),
+        ("generate", {"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ("generate", {"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+        ("generate", {"num_samples": 0}, "num_samples must be a positive integer, got 0"),
+        ("stream", {"max_new_tokens": -3}, "max_new_tokens must be a positive integer, got -3"),
+        ("stream", {"top_p": float("inf")}, r"top_p must be in \(0, 1\], got inf"),
+        ("beam_search", {"num_beams": 0}, "num_beams must be a positive integer, got 0"),
+        ("beam_search", {"max_new_tokens": 2.5}, "max_new_tokens must be a positive integer, got 2.5"),
+    ],
+)
+def test_bad_settings_from_python_raise_the_cli_s_user_errors(bpe, call, kwargs, message):
+    """Each once decoded anyway (nan or a negative temperature sampled; top_p 0 was greedy; max_new_tokens 0 still
+    wrote a token) or failed deep inside PyTorch (top_k 0, a negative max_new_tokens)."""
+    teller = Storyteller(GPT(ModelConfig(vocab_size=bpe.vocab_size, d_model=32, n_layer=1, n_head=2)), bpe)
+    with pytest.raises(UserError, match=f"^{message}$"):
+        list(getattr(teller, call)("Once", **kwargs))

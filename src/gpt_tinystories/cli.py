@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -90,12 +89,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import load
+    from .engine import Sampling
     from .tokenizer import EOS
 
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature must be >= 0 and finite (0 is greedy), got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    Sampling(args.temperature, args.top_k, args.top_p)  # its checks, before the model loads
     teller = load(args.checkpoint, args.device, args.dtype)
     teller.compile = args.compile
     context = teller.model.config.context_length

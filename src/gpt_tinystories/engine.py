@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections import abc, deque
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
+from .errors import UserError
 from .model import _local
 
 
@@ -34,6 +36,15 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):  # fmt: skip
+            raise UserError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:

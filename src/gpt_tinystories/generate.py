@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .engine import Engine, Sampling
+from .errors import UserError
 from .model import GPT
 from .tokenizer import EOS, Tokenizer
 
@@ -37,6 +38,7 @@ def decode(
     context keeps its last tokens. Past the context length a row's cache is rebuilt from its most recent
     half-context. `compile` compiles the decode step (worth it only for long or repeated decoding: see engine.py).
     """
+    _check_positive(max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
     prompts = [list(p)[-model.config.context_length :] for p in prompts]
@@ -87,6 +89,7 @@ def beam_search(
     Hypotheses that end with EOS are scored by total log-probability / length ** length_penalty; the search
     stops once `num_beams` of them are finished or `max_new_tokens` is reached.
     """
+    _check_positive(max_new_tokens=max_new_tokens, num_beams=num_beams)
     was_training = model.training
     model.eval()
     device = model.wte.weight.device
@@ -125,6 +128,12 @@ def beam_search(
     live = [(s / max(len(b), 1) ** length_penalty, b) for s, b in zip(scores.tolist(), beams, strict=True)]
     model.train(was_training)
     return max(done or live, key=lambda pair: pair[0])[1]
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
 class TextStream:
@@ -206,6 +215,7 @@ class Storyteller:
         ended by itself ends with tokenizer.EOS.
 
         Sample i draws from its own generator seeded with seed + i: the same text as a call with that seed alone."""
+        _check_positive(num_samples=num_samples)
         prompts = [self.encode_prompt(prompt)] * num_samples
         sampling = Sampling(temperature, top_k, top_p)
         generators = [self.generator(None if seed is None else seed + i) for i in range(num_samples)]

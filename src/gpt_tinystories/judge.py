@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,10 +56,9 @@ class JudgeConfig:
     def check(self) -> None:
         if self.samples < 1:
             raise UserError(f"--samples must be at least 1, got {self.samples}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(f"--temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        from .engine import Sampling
+
+        Sampling(self.temperature, self.top_k, self.top_p)  # its checks
         if (self.beams or self.temperature == 0) and self.samples > 1:
             how = f"beam search (--beams {self.beams})" if self.beams else "greedy decoding (--temperature 0)"
             raise UserError(f"{how} writes the same story every time: pass --samples 1, or sample at a temperature")
