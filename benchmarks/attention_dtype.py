@@ -5,7 +5,7 @@
 bf16 autocast hands attention bf16 queries, keys and values. Three ways to run it: fp32 throughout, bf16
 throughout, and bf16 inputs cast to fp32 for the kernel and back. Best of 3 alternating rounds of 6 calls each;
 the header names the CPU and whether it has native bf16. Which of the last two is faster depends on the shape:
-under bf16, training measures it at the start of a run and keeps the faster (train.choose_precision).
+under bf16, training measures it at the start of a run and keeps the faster (trainer.choose_precision).
 """
 
 import sys

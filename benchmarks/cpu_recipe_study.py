@@ -284,7 +284,7 @@ class _Stepper:
 
         from gpt_tinystories.config import TrainConfig
         from gpt_tinystories.model import GPT
-        from gpt_tinystories.train import make_optimizers
+        from gpt_tinystories.trainer import make_optimizers
 
         self.config = TrainConfig.from_dict({**arm_config(name), "tokenizer": "gpt2"}).resolved()
         vocab = int(arm_config(name)["tokenizer"].removeprefix("bpe-"))

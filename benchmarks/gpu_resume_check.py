@@ -56,7 +56,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from gpt_tinystories.config import TrainConfig
-    from gpt_tinystories.train import train
+    from gpt_tinystories.trainer import train
 
     folder = Path(tempfile.mkdtemp(prefix="gpu-resume-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # removed even when a check fails

@@ -5,7 +5,7 @@
 
 Both train the same model shape on the same batches of the shared TinyStories sample, one after the other in
 fresh processes (so neither shares cores or allocator state with the other):
-- ours: `gpt_tinystories.train.train()` end to end (data windows, autocast chosen by measurement, fused loss,
+- ours: `gpt_tinystories.train()` end to end (data windows, autocast chosen by measurement, fused loss,
   AdamW, clipping), timed from its own per-step clock after warm-up steps;
 - HF: `GPT2LMHeadModel(attn_implementation="sdpa")`, its plain training step (`loss = model(input_ids,
   labels=...).loss; backward; AdamW step`) in fp32, as a user of transformers would write it.
@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> dict:
     from gpt_tinystories.config import TrainConfig
     from gpt_tinystories.data import TokenWindows, prepare
     from gpt_tinystories.runtime import pick_device
-    from gpt_tinystories.train import load_tokenizer, train
+    from gpt_tinystories.trainer import load_tokenizer, train
 
     data = str(SAMPLE / "train-head.txt")
     tokenizer = load_tokenizer(args.tokenizer, data)

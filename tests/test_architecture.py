@@ -48,8 +48,8 @@ def test_imports_flow_one_way():
     assert imported(trees["attention"]) <= {"config", "errors"}
     assert imported(trees["atomic"]) == set()
     # evaluation does not train; checkpoints do not evaluate or train
-    assert "train" not in imported(trees["evaluate"])
-    assert not {"train", "evaluate", "cli"} & imported(trees["checkpoint"])
+    assert "trainer" not in imported(trees["evaluate"])
+    assert not {"trainer", "evaluate", "cli"} & imported(trees["checkpoint"])
 
 
 def test_no_test_hook_in_production_code():

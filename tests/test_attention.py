@@ -227,7 +227,7 @@ def test_the_cpu_recipe_config_builds_a_model_that_trains():
     assert config.max_time == "10m" and config.tokens_per_step == 4096 and config.precision == "auto"
     assert (config.schedule, config.decay_fraction, config.weight_decay, config.lr) == ("wsd", 0.3, 0.6, 7e-3)
     assert config.warmup_steps == 100 and config.min_lr_ratio == 0.0
-    # dropout chosen by the run from its passes over the sample (train.auto_dropout); none until then
+    # dropout chosen by the run from its passes over the sample (trainer.auto_dropout); none until then
     assert (config.dropout, config.attention_dropout, model_config.dropout) == ("auto", 0.0, 0.0)
     assert model_config.position == "rope" and architecture(model_config) == "gpt_neox"  # exports to hf and GGUF
     model = GPT(model_config)

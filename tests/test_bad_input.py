@@ -23,7 +23,7 @@ from gpt_tinystories import checkpoint
 from gpt_tinystories.cli import main
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.tokenizer import Tokenizer
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 FIXTURE = str(sample("fixture-5-stories.txt"))
 VALIDATION = str(sample("validation-first1000.txt"))

@@ -21,7 +21,7 @@ from gpt_tinystories import checkpoint, evaluate
 from gpt_tinystories.checkpoint import RunMeta, load_model
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.generate import Sampling, generate
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 EXPECTED = json.loads((FIXTURES / "run-af5ae44.json").read_text())

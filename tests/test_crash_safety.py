@@ -19,7 +19,7 @@ from conftest import sample
 from gpt_tinystories import checkpoint
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.errors import UserError
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 STEPS = 32  # room for six kills, each a few steps further on
 TINY = dict(preset="1M", d_model=32, n_layer=2, n_head=4, context_length=64, dropout=0.1, batch_size=4,

@@ -12,7 +12,7 @@ from conftest import sample
 from gpt_tinystories import checkpoint, cli
 from gpt_tinystories.config import PRESETS, TrainConfig, load_config_file
 from gpt_tinystories.errors import UserError
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,7 +11,7 @@ from conftest import sample
 from gpt_tinystories import load
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.errors import UserError
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 
 @pytest.fixture(scope="module")

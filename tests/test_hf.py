@@ -18,7 +18,7 @@ from gpt_tinystories.errors import UserError  # noqa: E402
 from gpt_tinystories.generate import Sampling, generate  # noqa: E402
 from gpt_tinystories.hf import export, from_transformers, load_pretrained, to_transformers  # noqa: E402
 from gpt_tinystories.tokenizer import Tokenizer  # noqa: E402
-from gpt_tinystories.train import train  # noqa: E402
+from gpt_tinystories.trainer import train  # noqa: E402
 
 STORY = "One day, a little girl named Lily found a needle in her room. She knew it was difficult to play with it."
 

@@ -16,7 +16,7 @@ from gpt_tinystories import load
 from gpt_tinystories.cli import main
 from gpt_tinystories.config import TrainConfig
 from gpt_tinystories.generate import Sampling, generate
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 PROMPTS = ["Tom had a red ball.", "One day, Lily went to the park. She saw", 'Sue said, "']
 TRAIN = sample("train-head.txt")

@@ -10,7 +10,7 @@ from conftest import sample
 from gpt_tinystories import checkpoint
 from gpt_tinystories.cli import main
 from gpt_tinystories.config import TrainConfig
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 TINY = dict(preset="1M", d_model=32, n_layer=2, n_head=4, context_length=64, dropout=0.1, batch_size=4,
             tokens_per_step=512, warmup_steps=2, lr=3e-3, eval_every=100, eval_batches=2, log_every=1,
@@ -96,7 +96,7 @@ def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp
 def test_a_training_step_reads_nothing_back_on_the_host(tmp_path, tokenizer_file, monkeypatch):
     """On a GPU every read of a device value makes the host wait: the skip is decided on the device, and the
     flags are read only at log steps. Counted here on a CPU, where such reads are the same Python calls."""
-    from gpt_tinystories import train as train_module
+    from gpt_tinystories import trainer as train_module
 
     reads, inside = [], []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
@@ -129,7 +129,7 @@ def test_a_training_step_reads_nothing_back_on_the_host(tmp_path, tokenizer_file
 def test_bad_steps_stop_the_run_soon_even_between_distant_log_steps(tmp_path, tokenizer_file, monkeypatch):
     """The skip flags wait on the device until read, but never longer than max_bad_steps steps: a run that logs
     rarely still stops soon after the streak, and the flags it holds stay few."""
-    from gpt_tinystories import train as train_module
+    from gpt_tinystories import trainer as train_module
     from gpt_tinystories.errors import UserError
 
     steps, original_step = [], train_module.train_step

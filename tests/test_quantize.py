@@ -18,7 +18,7 @@ from gpt_tinystories.evaluate import evaluate
 from gpt_tinystories.generate import Sampling, generate
 from gpt_tinystories.quantize import HalfLinear, apply_dtype, half_weights, quantize_int8
 from gpt_tinystories.serve import model_info
-from gpt_tinystories.train import train
+from gpt_tinystories.trainer import train
 
 
 @pytest.fixture(scope="module")

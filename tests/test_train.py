@@ -19,7 +19,7 @@ from gpt_tinystories import checkpoint
 from gpt_tinystories.config import ModelConfig, TrainConfig
 from gpt_tinystories.errors import UserError
 from gpt_tinystories.model import GPT
-from gpt_tinystories.train import _Budget, auto_dropout, choose_precision, learning_rate, make_optimizers, train
+from gpt_tinystories.trainer import _Budget, auto_dropout, choose_precision, learning_rate, make_optimizers, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_a_bf16_run_resumes_with_the_attention_precision_it_measured(tmp_path, t
     not measure again (the other one rounds differently)."""
     import shutil
 
-    from gpt_tinystories import train as train_module
+    from gpt_tinystories import trainer as train_module
 
     config = tiny(tokenizer_file, precision="bf16", max_steps=8, dropout=0.0)  # dropout: math SDPA, fp32 inside
     monkeypatch.setattr(train_module, "choose_precision", lambda *args: ("bf16", "bf16"))
@@ -114,7 +114,7 @@ def test_a_run_resumes_with_the_causal_attention_kernel_it_measured(tmp_path, to
     """`attention = auto` times causal attention in halves against SDPA when a new run starts and records a win
     in the model config: a resumed run attends in halves again without measuring (the kernels round apart)."""
     from gpt_tinystories import attention
-    from gpt_tinystories import train as train_module
+    from gpt_tinystories import trainer as train_module
 
     calls = []
     halves = attention.CausalHalves.apply
@@ -244,7 +244,7 @@ def test_auto_dropout_is_none_for_a_few_passes_and_some_for_many():
 
 
 def test_auto_dropout_trains_as_the_dropout_it_chose_and_resumes_exactly(tmp_path, tokenizer_file, monkeypatch):
-    import gpt_tinystories.train as train_module
+    import gpt_tinystories.trainer as train_module
 
     # 5 stories (less the held-out part) make 10 windows of 65 tokens, 8 per step: 12 steps are ~10 passes, 4 ~3
     monkeypatch.setattr(train_module, "AUTO_DROPOUT_PASSES", 5)
@@ -274,7 +274,7 @@ def test_auto_dropout_trains_as_the_dropout_it_chose_and_resumes_exactly(tmp_pat
 
 
 def test_auto_dropout_under_a_time_budget_counts_passes_at_the_measured_speed(tmp_path, tokenizer_file, monkeypatch):
-    import gpt_tinystories.train as train_module
+    import gpt_tinystories.trainer as train_module
 
     timed = {}
 
@@ -326,7 +326,7 @@ def test_measuring_precision_leaves_no_trace():
 
 
 def test_precision_is_measured_over_several_rounds_so_one_slow_timing_does_not_decide(monkeypatch):
-    from gpt_tinystories import train as train_module
+    from gpt_tinystories import trainer as train_module
 
     model = GPT(tiny("gpt2").model_config(100))
     batch = (torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (4, 64)))
@@ -349,7 +349,7 @@ def test_precision_is_measured_over_several_rounds_so_one_slow_timing_does_not_d
 def test_attention_runs_in_bf16_only_where_that_is_10_percent_faster(monkeypatch, attention_in_bf16, chosen):
     """A near-tie between attention in bf16 and in fp32 under bf16 autocast keeps fp32, so that runs on one
     machine do not flip between the two (they round apart)."""
-    from gpt_tinystories import train as train_module
+    from gpt_tinystories import trainer as train_module
 
     seconds = {("fp32", "fp32"): 3.0, ("bf16", "bf16"): attention_in_bf16, ("bf16", "fp32"): 1.0}
     monkeypatch.setattr(train_module, "_time_rows", lambda model, batch, device, candidates: seconds)
@@ -463,6 +463,14 @@ def test_bad_training_input_gives_one_line_exit_2_and_changes_nothing(extra, mes
     assert snapshot(root) == before
 
 
+@pytest.mark.parametrize("first", ["", "import gpt_tinystories.cli, gpt_tinystories.trainer"])
+def test_the_readme_s_import_gives_the_train_function(first):
+    """`from gpt_tinystories import TrainConfig, train` gave the module train.py once anything had imported it (the
+    import system binds a submodule's name in its package), not train(): the module is trainer.py now."""
+    check = f"{first}\nimport inspect\nfrom gpt_tinystories import TrainConfig, train\nassert inspect.isfunction(train)"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
+
+
 def test_an_api_user_gets_the_same_errors(tokenizer_file, tmp_path):
     with pytest.raises(UserError, match="lr must be > 0"):
         train(tiny(tokenizer_file, lr=-1.0), tmp_path / "run")
@@ -500,7 +508,7 @@ def test_narrow_d_model_keeps_the_head_size_and_says_what_it_cannot():
 
 
 def test_narrow_d_model_is_taken_where_a_time_budget_plans_few_passes(tmp_path, tokenizer_file, monkeypatch):
-    import gpt_tinystories.train as train_module
+    import gpt_tinystories.trainer as train_module
 
     timed = []
 

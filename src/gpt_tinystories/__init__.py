@@ -28,7 +28,7 @@ def load(path: str, device: str = "auto", dtype: str = "fp32"):
 
 def __getattr__(name: str):  # torch-heavy names load on first use, so `gpt-tinystories presets` starts fast
     if name == "train":
-        from .train import train
+        from .trainer import train
 
         return train
     if name == "GPT":

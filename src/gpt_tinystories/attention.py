@@ -86,7 +86,7 @@ class AttentionPlan:
             return self.run(self.resolve(q, scale), q, k, v, scale)
         # PyTorch's CPU attention kernels mostly run slower in bf16 than in fp32, casts included (forward +
         # backward, AMD Zen 4, benchmarks/attention_dtype.py: 1.1-1.3x at the recipes' shapes), but not always (1.4x
-        # faster in bf16 at 16 heads of 4 and context 512): training measures which (train.choose_precision).
+        # faster in bf16 at 16 heads of 4 and context 512): training measures which (trainer.choose_precision).
         # Autocast would cast fp32 inputs back down: off here.
         with torch.autocast("cpu", enabled=False):
             q, k, v = q.float(), k.float(), v.float()

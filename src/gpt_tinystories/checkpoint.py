@@ -73,7 +73,7 @@ class RunMeta:
     val_loss: float | None = None
     best_val_loss: float | None = None
     precision: str | None = None  # the autocast precision the run measured and kept: fp32 | bf16
-    attention_precision: str | None = None  # what attention ran in under it (train.choose_precision)
+    attention_precision: str | None = None  # what attention ran in under it (trainer.choose_precision)
     dropout_mask: str | None = None  # "packed": model.Dropout's CPU draws; None (made before them): PyTorch's
     model_config: ModelConfig | None = None
     train_config: dict = field(default_factory=dict)
@@ -385,7 +385,7 @@ class Checkpointer:
     def start(self, config: TrainConfig, model_config: ModelConfig, precisions: tuple[str, str],
               tokenizer: Tokenizer, device: torch.device, dropout_mask: str) -> None:  # fmt: skip
         """What every checkpoint of the run records alike; each checkpoint folder carries the tokenizer too.
-        `precisions`: the run's precision and its attention's (train.choose_precision); `dropout_mask`: "packed"
+        `precisions`: the run's precision and its attention's (trainer.choose_precision); `dropout_mask`: "packed"
         (model.Dropout's CPU draws) or "bernoulli" (PyTorch's, for a run resumed from before them)."""
         precision, attention_precision = precisions
         self._run = RunMeta(precision=precision, attention_precision=attention_precision, dropout_mask=dropout_mask,

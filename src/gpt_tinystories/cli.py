@@ -273,7 +273,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig, load_config_file
-    from .train import train
+    from .trainer import train
 
     values = load_config_file(args.config) if args.config else {}
     values.update({name: getattr(args, name) for name in _config_names() if hasattr(args, name)})

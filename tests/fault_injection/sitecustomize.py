@@ -70,7 +70,7 @@ class RecordRates:
         self.file = open(os.path.join(folder, f"rank-{self.rank}.txt"), "a")  # noqa: SIM115 (open for the process)
 
     def install(self) -> None:
-        from gpt_tinystories import train
+        from gpt_tinystories import trainer as train
 
         self.learning_rate, self.log_step = train.learning_rate, train._log_step
         train.learning_rate, train._log_step = self.wrapped_learning_rate, self.wrapped_log_step
