@@ -7,11 +7,15 @@ Prints three sampled continuations and the beam-search one (5 beams, as the Tiny
 
 import sys
 
-from gpt_tinystories import load
+from gpt_tinystories import UserError, load
 
 PROMPT = "One day, a little girl named Lily found a needle in her room"
 
-teller = load(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
+try:
+    teller = load(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
+except UserError as error:  # e.g. no run there yet: one line, as the CLI says it
+    print(f"lily_needle.py: {error}", file=sys.stderr)
+    sys.exit(2)
 for story in teller.generate(PROMPT, max_new_tokens=200, temperature=0.8, top_k=50, seed=0, num_samples=3):
     print(PROMPT + story, end="\n\n")
 print("Beam search:", PROMPT + teller.beam_search(PROMPT, max_new_tokens=200, num_beams=5))

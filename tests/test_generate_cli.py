@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import sample
@@ -41,6 +42,19 @@ def test_generate_prints_the_prompt_and_its_continuation(run_dir):
     code, again, _ = cli("generate", "--checkpoint", run_dir, "--prompt", "Once upon a time", "--seed", "3",
                          "--max-new-tokens", "20", "--no-stream")  # fmt: skip
     assert again == out
+
+
+def test_the_example_script_prints_four_stories_or_one_line(run_dir, tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "lily_needle.py"
+    result = subprocess.run([sys.executable, example, run_dir], capture_output=True, text=True, timeout=300)
+    prompt = "One day, a little girl named Lily found a needle in her room"
+    assert result.returncode == 0 and result.stdout.count(prompt) == 4 and "Beam search: " in result.stdout, result
+    result = subprocess.run([sys.executable, example, tmp_path / "none"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == "", result
+    assert (
+        result.stderr == f"lily_needle.py: no checkpoint at {tmp_path / 'none'}; pass a run dir or a checkpoint "
+        "folder (one holding meta.json and model.safetensors)\n"
+    )
 
 
 def test_generate_prints_a_story_that_ended_without_a_note(run_dir, capsys, monkeypatch):
