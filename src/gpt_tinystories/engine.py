@@ -40,8 +40,7 @@ class Sampling:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise UserError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):  # fmt: skip
+        if self.top_k is not None and (type(self.top_k) is not int or self.top_k < 1):  # True is no top_k
             raise UserError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
