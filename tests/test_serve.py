@@ -108,6 +108,7 @@ def test_the_stream_sends_text_as_it_is_generated(url, teller):
         ({"temprature": 1.0}, "temprature: Extra inputs are not permitted"),
         ("[1, 2]", "request body: Input should be a valid dictionary"),
         ("{not json", "JSON decode error"),
+        ('{"temperature": NaN}', "temperature: Input should be a finite number"),  # once a 500: NaN in the answer
     ],
 )
 def test_invalid_requests_get_422_with_a_clear_message(url, endpoint, body, message):
