@@ -103,6 +103,8 @@ def test_the_stream_sends_text_as_it_is_generated(url, teller):
         ({"temperature": -0.5}, "temperature: Input should be greater than or equal to 0"),
         ({"top_p": 0}, "top_p: Input should be greater than 0"),
         ({"top_k": 0}, "top_k: Input should be greater than or equal to 1"),
+        ({"top_k": True}, "top_k: Input should be a valid integer"),  # lax pydantic read it as 1: greedy
+        ({"seed": 1.0}, "seed: Input should be a valid integer"),
         ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
         ({"max_new_tokens": "many"}, "max_new_tokens: Input should be a valid integer"),
         ({"temprature": 1.0}, "temprature: Extra inputs are not permitted"),

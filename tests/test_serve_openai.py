@@ -103,6 +103,7 @@ def test_a_chat_continues_the_story_its_messages_tell(url, teller):
         ({"prompt": "x" * 301}, 400, "prompt", "prompt: at most 300 characters on this server, got 301"),
         ({"temperature": -1}, 400, "temperature", "temperature: Input should be greater than or equal to 0"),
         ({"top_p": 0}, 400, "top_p", "top_p: Input should be greater than 0"),
+        ({"extra_body": {"top_k": True}}, 400, "top_k", "top_k: Input should be a valid integer"),  # not 1: greedy
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop takes up to 4 non-empty strings"),
         ({"echo": True}, 400, "echo", "echo is not supported by this server"),
         ({"extra_body": {"temprature": 1}}, 400, "temprature", "temprature: Extra inputs are not permitted"),

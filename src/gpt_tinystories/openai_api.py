@@ -40,10 +40,10 @@ class _Common(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, description="an extension of vLLM's and llama.cpp's servers")
-    n: int = Field(1, ge=1)
+    top_k: int | None = Field(None, ge=1, strict=True, description="an extension of vLLM's and llama.cpp's servers")
+    n: int = Field(1, ge=1, strict=True)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=2**63, strict=True)
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None  # recorded by OpenAI for abuse monitoring; ignored here
@@ -76,7 +76,7 @@ class _Common(BaseModel):
 
 class CompletionBody(_Common):
     prompt: str | list[str] = ""
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, strict=True)
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -102,8 +102,8 @@ class Message(BaseModel):
 
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     logprobs: bool | None = None
 
     @field_validator("logprobs")

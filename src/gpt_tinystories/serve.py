@@ -71,12 +71,15 @@ def request_model(limits: Limits) -> type[BaseModel]:
         model_config = ConfigDict(extra="forbid")
 
         prompt: str = Field("", max_length=limits.max_prompt_chars, description="the start of the story")
-        max_new_tokens: int = Field(limits.max_new_tokens, ge=1, le=limits.max_new_tokens, description="a cap")
+        # strict integers: JSON's true is no count (lax pydantic read it as 1, which made top_k greedy)
+        max_new_tokens: int = Field(
+            limits.max_new_tokens, ge=1, le=limits.max_new_tokens, strict=True, description="a cap"
+        )
         temperature: float = Field(0.8, ge=0, allow_inf_nan=False, description="0 is greedy")
-        top_k: int | None = Field(None, ge=1)
+        top_k: int | None = Field(None, ge=1, strict=True)
         top_p: float | None = Field(None, gt=0, le=1)
-        seed: int | None = Field(None, ge=0, lt=2**63, description="the same seed gives the same stories")
-        n: int = Field(1, ge=1, le=limits.max_samples, description="how many stories to write")
+        seed: int | None = Field(None, ge=0, lt=2**63, strict=True, description="the same seed gives the same stories")
+        n: int = Field(1, ge=1, le=limits.max_samples, strict=True, description="how many stories to write")
 
     return CompletionRequest
 
