@@ -18,7 +18,6 @@ import errno
 import hmac
 import json
 import logging
-import math
 import queue
 import signal
 import socket
@@ -535,16 +534,10 @@ def _field_name(location: tuple) -> str:
     return ".".join(parts) or "request body"
 
 
-def _jsonable(value: Any) -> Any:
-    """What JSON can hold: pydantic puts exception objects under ctx, and keeps a refused NaN or Infinity as the
-    input it names (which made the answer to such a request a 500)."""
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    if value is None or isinstance(value, str | bool | int) or (isinstance(value, float) and math.isfinite(value)):
-        return value
-    return str(value)
+def _jsonable(errors: list[dict]) -> list[dict]:
+    # pydantic puts the exception object under ctx for some errors, and a refused NaN or Infinity stays the input
+    # it names (JSON has neither: that answer was a 500); keep only what JSON can hold
+    return json.loads(json.dumps(errors, default=str), parse_constant=str)
 
 
 def bind(host: str, port: int) -> socket.socket:
