@@ -104,6 +104,19 @@ def test_eval_reports_fair_metrics_as_json(run_dir, bpe):
         (["generate", "--checkpoint", "{run}", "--temperature", "nan"], "temperature must be >= 0 and finite"),
         (["generate", "--checkpoint", "{run}", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", "--checkpoint", "{run}", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (
+            ["generate", "--checkpoint", "{run}", "--beams", "2", "--num-samples", "2"],
+            "beam search (--beams 2) writes the same story every time: pass --num-samples 1",
+        ),
+        (
+            ["generate", "--checkpoint", "{run}", "--temperature", "0", "--num-samples", "3"],
+            "greedy decoding (--temperature 0) writes the same story every time",
+        ),
+        (
+            ["generate", "--checkpoint", "{run}", "--beams", "2", "--top-k", "5"],
+            "beam search (--beams) samples nothing",
+        ),
+        (["generate", "--checkpoint", "{run}", "--beams", "2", "--temperature", "0.5"], "leave out --temperature"),
         (["generate", "--checkpoint", "{broken}"], "damaged"),
         (["generate", "--checkpoint", "{notok}"], "has no tokenizer.json"),
         (["eval", "--checkpoint", "{run}", "--data", "{tmp}/missing.txt"], "data not found"),

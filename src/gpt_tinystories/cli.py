@@ -92,7 +92,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import Sampling
     from .tokenizer import EOS
 
-    Sampling(args.temperature, args.top_k, args.top_p)  # its checks, before the model loads
+    if args.beams and (args.temperature is not None or args.top_k or args.top_p):
+        raise UserError("beam search (--beams) samples nothing: leave out --temperature, --top-k and --top-p")
+    temperature = 0.8 if args.temperature is None else args.temperature
+    if (args.beams or temperature == 0) and args.num_samples > 1:
+        how = f"beam search (--beams {args.beams})" if args.beams else "greedy decoding (--temperature 0)"
+        raise UserError(f"{how} writes the same story every time: pass --num-samples 1, or sample at a temperature")
+    Sampling(temperature, args.top_k, args.top_p)  # its checks, before the model loads
     teller = load(args.checkpoint, args.device, args.dtype)
     teller.compile = args.compile
     context = teller.model.config.context_length
@@ -103,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if prompt_tokens > context:
         print(f"note: the prompt has {prompt_tokens} tokens; keeping its last {context} (the model's context)",
               file=sys.stderr)  # fmt: skip
-    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": args.top_k,
                "top_p": args.top_p, "keep_eos": True}  # fmt: skip
     for index in range(args.num_samples):
         seed = None if args.seed is None else args.seed + index
@@ -504,7 +510,7 @@ def _add_generate_verb(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", default="", help="the start of the story (empty: a new story)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=1000, help="a cap: stories stop at their end")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default: 0.8)")
     p.add_argument("--top-k", type=_positive_int)
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
     p.add_argument("--seed", type=int, help="make sampling reproducible")
