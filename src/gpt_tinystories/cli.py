@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import Sampling
     from .tokenizer import EOS
 
-    if args.beams and (args.temperature is not None or args.top_k or args.top_p):
+    if args.beams and (args.temperature or args.top_k or args.top_p):  # 0 (greedy) is as deterministic as beams
         raise UserError("beam search (--beams) samples nothing: leave out --temperature, --top-k and --top-p")
     temperature = 0.8 if args.temperature is None else args.temperature
     if (args.beams or temperature == 0) and args.num_samples > 1:
