@@ -160,6 +160,7 @@ def test_keep_eos_tells_a_story_that_ended_from_one_that_was_cut(bpe):
         ("stream", {"max_new_tokens": -3}, "max_new_tokens must be a positive integer, got -3"),
         ("stream", {"top_p": float("inf")}, r"top_p must be in \(0, 1\], got inf"),
         ("beam_search", {"num_beams": 0}, "num_beams must be a positive integer, got 0"),
+        ("stream", {"seed": 2**64}, rf"seed must be in \[0, 2\*\*63\), got {2**64}"),  # torch's overflow, once
         ("beam_search", {"max_new_tokens": 2.5}, "max_new_tokens must be a positive integer, got 2.5"),
     ],
 )

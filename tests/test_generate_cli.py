@@ -104,6 +104,7 @@ def test_eval_reports_fair_metrics_as_json(run_dir, bpe):
         (["generate", "--checkpoint", "{run}", "--temperature", "nan"], "temperature must be >= 0 and finite"),
         (["generate", "--checkpoint", "{run}", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", "--checkpoint", "{run}", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["generate", "--checkpoint", "{run}", "--seed", "-1"], "seed must be in [0, 2**63), got -1"),
         (
             ["generate", "--checkpoint", "{run}", "--beams", "2", "--num-samples", "2"],
             "beam search (--beams 2) writes the same story every time: pass --num-samples 1",

@@ -199,6 +199,7 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(run_dir, prompts_file, t
     fails("--samples must be at least 1", prompts_file, "--samples", "0")
     fails("greedy decoding .* writes the same story every time", prompts_file, "--temperature", "0")
     fails("temperature must be >= 0 and finite", prompts_file, "--temperature", "inf")
+    fails(r"seed must be in \[0, 2\*\*63\), got -1", prompts_file, "--seed", "-1")
     fails("API key variable NO_SUCH_KEY is not set", prompts_file, "--judge-url", "http://127.0.0.1:9/v1",
           "--judge-model", "m", "--judge-api-key-env", "NO_SUCH_KEY")  # fmt: skip
     assert not (tmp_path / "bad").exists()  # each failed before writing anything

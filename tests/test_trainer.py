@@ -416,9 +416,10 @@ def snapshot(folder):
 BAD_RUNS = [
     (["--preset", "7M"], "unknown preset '7M'"),
     (["--lr", "0"], "lr must be > 0"),
-    (["--lr", "nan"], "lr must be > 0 and finite, got nan"),
+    (["--lr", "nan"], "lr must be finite and > 0, got nan"),
+    (["--seed", "-1"], "seed must be in [0, 2**63), got -1"),
     (["--lr", "fast"], "expected a number"),
-    (["--weight-decay", "inf"], "weight_decay must be >= 0 and finite, got inf"),
+    (["--weight-decay", "inf"], "weight_decay must be finite and >= 0, got inf"),
     (["--max-steps", "-3"], "max_steps must be > 0"),
     (["--max-time", "soon"], "max_time must be a positive duration"),
     (["--n-head", "5"], "not divisible by n_head=5"),

@@ -90,6 +90,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import load
     from .engine import Sampling
+    from .generate import check_seed
     from .tokenizer import EOS
 
     if args.beams and (args.temperature or args.top_k or args.top_p):  # 0 (greedy) is as deterministic as beams
@@ -99,6 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         how = f"beam search (--beams {args.beams})" if args.beams else "greedy decoding (--temperature 0)"
         raise UserError(f"{how} writes the same story every time: pass --num-samples 1, or sample at a temperature")
     Sampling(temperature, args.top_k, args.top_p)  # its checks, before the model loads
+    check_seed(args.seed)
     teller = load(args.checkpoint, args.device, args.dtype)
     teller.compile = args.compile
     context = teller.model.config.context_length

@@ -301,11 +301,13 @@ class TrainConfig:
         for name in positive:  # written so that nan and inf fail too
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise UserError(f"{name} must be > 0 and finite, got {value}")
+                raise UserError(f"{name} must be {'' if math.isfinite(value) else 'finite and '}> 0, got {value}")
         for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "narrow_d_model"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f"{name} must be >= 0 and finite, got {value}")
+                raise UserError(f"{name} must be {'' if math.isfinite(value) else 'finite and '}>= 0, got {value}")
+        if not 0 <= self.seed < 2**63:  # what numpy and torch take
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("beta1", "beta2", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -16,7 +16,7 @@ from .errors import UserError
 from .model import GPT
 from .tokenizer import EOS, Tokenizer
 
-__all__ = ["Sampling", "Storyteller", "TextStream", "beam_search", "decode", "generate"]
+__all__ = ["Sampling", "Storyteller", "TextStream", "beam_search", "check_seed", "decode", "generate"]
 
 RANDOM = Sampling()  # plain sampling at temperature 1
 
@@ -130,6 +130,11 @@ def beam_search(
     return max(done or live, key=lambda pair: pair[0])[1]
 
 
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed < 2**63:  # what torch.Generator takes
+        raise UserError(f"seed must be in [0, 2**63), got {seed}")
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -237,4 +242,5 @@ class Storyteller:
 
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A generator on the model's device seeded with `seed` (None: the global one)."""
+        check_seed(seed)
         return None if seed is None else torch.Generator(self.model.wte.weight.device).manual_seed(seed)

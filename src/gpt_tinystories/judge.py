@@ -57,8 +57,10 @@ class JudgeConfig:
         if self.samples < 1:
             raise UserError(f"--samples must be at least 1, got {self.samples}")
         from .engine import Sampling
+        from .generate import check_seed
 
         Sampling(self.temperature, self.top_k, self.top_p)  # its checks
+        check_seed(self.seed)
         if (self.beams or self.temperature == 0) and self.samples > 1:
             how = f"beam search (--beams {self.beams})" if self.beams else "greedy decoding (--temperature 0)"
             raise UserError(f"{how} writes the same story every time: pass --samples 1, or sample at a temperature")
@@ -187,7 +189,7 @@ def _generate(teller, prompts: list[str], config: JudgeConfig) -> list[Completio
         if config.beams:
             outputs.append(beam_search(model, rows[0], config.max_new_tokens, config.beams, eos))
         else:  # a generator per batch, seeded by (seed, batch): the same seed and batch size give the same stories
-            generator = torch.Generator(model.wte.weight.device).manual_seed(config.seed * 1_000_003 + start)
+            generator = torch.Generator(model.wte.weight.device).manual_seed((config.seed * 1_000_003 + start) % 2**63)
             outputs += generate(model, rows, config.max_new_tokens, sampling, eos, generator)
         bar.update(len(batch))
     bar.close()
