@@ -433,6 +433,7 @@ BAD_RUNS = [
     (["--data", "{tmp}/prepared-gpt2"], "prepared with tokenizer gpt2"),
     (["--resume", "--out", "{tmp}/empty-run"], "holds no checkpoint"),
     (["--lr", "0.01", "--out", "{tmp}/existing-run"], "lr 0.003 -> 0.01"),
+    (["--init-from", "{tmp}/existing-run", "--n-layer", "3"], "the config asks for n_layer 3 (there: 2); leave those"),
 ]
 
 

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -390,9 +390,22 @@ def _model_source(config: TrainConfig, checkpointer: Checkpointer) -> tuple[Toke
         return checkpointer.resumed_tokenizer(), checkpointer.resumed.model_config, None
     if config.init_from is not None:
         init_model, tokenizer, _ = checkpoint.load_model(config.init_from)
+        _check_init_shape(config, init_model.config)
         return tokenizer, replace(init_model.config, **config.dropouts()), init_model
     tokenizer = load_tokenizer(config.tokenizer, config.data)
     return tokenizer, config.model_config(tokenizer.vocab_size, tokenizer.eos_id), None
+
+
+def _check_init_shape(config: TrainConfig, model: ModelConfig) -> None:
+    """--init-from gives the model's shape: a model setting the config asks otherwise is refused, not ignored (all but
+    the dropouts, which a fine-tune may change, and the context, which may be shorter than the model's)."""
+    asked = {f.name: getattr(config, f.name) for f in fields(ModelConfig) if hasattr(config, f.name)}
+    clashes = [f"{name} {value!r} (there: {getattr(model, name)!r})" for name, value in asked.items()
+               if name not in ("dropout", "attention_dropout", "context_length") and value is not None
+               and value != getattr(model, name)]  # fmt: skip
+    if clashes:
+        raise UserError(f"--init-from {config.init_from} gives the model's shape, but the config asks for "
+                        f"{', '.join(clashes)}; leave those out, or train without --init-from")  # fmt: skip
 
 
 def _load_data(
