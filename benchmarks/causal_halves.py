@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import cpu_description  # noqa: E402
 
-from gpt_tinystories.attention import CausalHalves, choose_causal_kernel  # noqa: E402
+from gpt_tinystories.attention import CAUSAL_KERNELS, choose_causal_kernel, on_projection  # noqa: E402
 from gpt_tinystories.config import ModelConfig  # noqa: E402
 from gpt_tinystories.model import GPT  # noqa: E402
 
@@ -36,8 +36,7 @@ SHAPES = {  # name: (batch, heads, time, head size), model config
         (16, 4, 256, 32), {"d_model": 128, "n_layer": 4, "n_head": 4, "position": "rope"}
     ),
 }  # fmt: skip
-SDPA = functools.partial(F.scaled_dot_product_attention, is_causal=True)
-HALVES = functools.partial(CausalHalves.apply, scale=None)
+SDPA, HALVES = CAUSAL_KERNELS["sdpa"], CAUSAL_KERNELS["blocked"]
 
 
 def best_ms(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
@@ -52,14 +51,8 @@ def best_ms(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, floa
     return best
 
 
-def forward_backward(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    kernel(q, k, v).sum().backward()
-
-
-def on_projection(kernel: Callable, qkv: torch.Tensor, heads: int) -> None:
-    """The kernel, forward + backward, on views of one (batch, time, 3 x width) projection, as the model calls it."""
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    forward_backward(kernel, q, k, v)
+def forward_backward(kernel: Callable, *inputs: object) -> None:
+    kernel(*inputs).sum().backward()
 
 
 def train_step(model: GPT, tokens: torch.Tensor, bf16: bool) -> None:
@@ -83,7 +76,7 @@ def one_layer(rounds: int) -> None:
     print("2. one layer's attention on views of one qkv projection, fp32, forward + backward, ms")
     for name, ((batch, heads, time_, size), _) in SHAPES.items():
         qkv = torch.randn(batch, time_, 3 * heads * size, requires_grad=True)
-        calls = {name: functools.partial(on_projection, kernel, qkv, heads) for name, kernel in
+        calls = {name: functools.partial(forward_backward, on_projection, kernel, qkv, heads) for name, kernel in
                  (("sdpa", SDPA), ("halves", HALVES))}  # fmt: skip
         times = best_ms(calls, rounds)
         choice = choose_causal_kernel((batch, heads, time_, size), torch.float32, torch.device("cpu"), 0.0)

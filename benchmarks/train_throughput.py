@@ -26,7 +26,6 @@ a load above the core count means other processes shared the cores, and the figu
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -110,9 +109,8 @@ def worker(args: argparse.Namespace) -> dict:
 def ceiling(args: argparse.Namespace, model_config, device) -> dict:  # noqa: ANN001 (ModelConfig, device)
     """The time of the step's matrix products and attention calls alone (see the module docstring)."""
     import torch
-    import torch.nn.functional as F
 
-    from gpt_tinystories.attention import CausalHalves, halves_problem
+    from gpt_tinystories.attention import CAUSAL_KERNELS, halves_problem
     from gpt_tinystories.model import GPT
     from gpt_tinystories.runtime import keep_freed_memory
 
@@ -147,16 +145,16 @@ def ceiling(args: argparse.Namespace, model_config, device) -> dict:  # noqa: AN
         for a, b in products:
             a @ b  # each result freed at once, as in training, so the allocator hands its memory back warm
 
-    kernels = {"sdpa": functools.partial(F.scaled_dot_product_attention, is_causal=True)}
+    kernels = [CAUSAL_KERNELS["sdpa"]]
     if halves_problem(device, args.context, 0.0) is None:  # on a CPU, causal attention in halves is a candidate
-        kernels["halves"] = functools.partial(CausalHalves.apply, scale=None)
+        kernels.append(CAUSAL_KERNELS["blocked"])
 
     def attention(kernel: Callable) -> Callable[[], None]:
         return lambda: [kernel(q, k, v).sum().backward() for _ in range(layers)]
 
     keep_freed_memory()  # as train() does
     matmul_seconds = timed(matmuls)
-    attention_seconds = min(timed(attention(kernel)) for kernel in kernels.values())
+    attention_seconds = min(timed(attention(kernel)) for kernel in kernels)
     flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in products)
     return {"tokens_per_second": rows / (matmul_seconds + attention_seconds), "matmul_seconds": matmul_seconds,
             "attention_seconds": attention_seconds, "matmul_gflops": flops / matmul_seconds / 1e9}  # fmt: skip
