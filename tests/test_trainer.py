@@ -527,7 +527,7 @@ def test_narrow_d_model_is_taken_where_a_time_budget_plans_few_passes(tmp_path, 
     resolved = json.loads((tmp_path / "slow" / "config.json").read_text())["model"]
     assert (resolved["d_model"], resolved["n_head"]) == (16, 2)
     log = (tmp_path / "slow" / "train.log").read_text()
-    assert "16 wide, 2 heads (narrow_d_model: ~0 passes planned at 32 wide, fewer than 10), dropout 0 (auto" in log
+    assert "16 wide, 2 heads (narrow_d_model: ~0 passes planned at 32 wide, fewer than 12), dropout 0 (auto" in log
     # the narrowed model is the one --d-model 16 --n-head 2 builds from the same seed: the same first losses
     train(tiny(tokenizer_file, data=data, d_model=16, n_head=2, dropout=0.0, max_steps=2), tmp_path / "set",
           progress=False)  # fmt: skip

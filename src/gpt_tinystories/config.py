@@ -174,9 +174,9 @@ TRAIN_PRESETS: dict[str, dict[str, float | int]] = {
 }
 
 PRECISIONS = ("auto", "bf16", "fp32")
-# narrow_d_model's threshold: the 10-minute CPU recipe's 96 wide beat 128 at ~7-8 passes planned at 128, tied at ~12
-# (docs/study-cpu-10min.md, rounds 7 and 13)
-NARROW_BELOW_PASSES = 10
+# narrow_d_model's threshold: the 10-minute CPU recipe's 96 wide beat 128 at ~7-8 and ~10 passes planned at 128, tied
+# at ~12 (docs/study-cpu-10min.md, rounds 7 and 13; docs/measurements.md, Narrower on a CPU this slow)
+NARROW_BELOW_PASSES = 12
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
 
