@@ -298,16 +298,13 @@ class TrainConfig:
         positive = ("lr", "batch_size", "tokens_per_step", "eval_every", "eval_batches", "log_every", "keep_last",
                     "max_steps", "max_tokens", "max_epochs", "checkpoint_every", "threads",
                     "max_bad_steps")  # fmt: skip
-        for name in positive:  # written so that nan and inf fail too
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise UserError(f"{name} must be {'' if math.isfinite(value) else 'finite and '}> 0, got {value}")
-        for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "narrow_d_model"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f"{name} must be {'' if math.isfinite(value) else 'finite and '}>= 0, got {value}")
-        if not 0 <= self.seed < 2**63:  # what numpy and torch take
-            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
+        non_negative = ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "narrow_d_model")
+        for name in positive + non_negative:  # written so that nan and inf fail too
+            value, strict = getattr(self, name), name in positive
+            if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+                finite = "" if math.isfinite(value) else "finite and "
+                raise UserError(f"{name} must be {finite}{'>' if strict else '>='} 0, got {value}")
+        check_seed(self.seed)
         for name in ("beta1", "beta2", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -350,6 +347,12 @@ class TrainConfig:
     def dropouts(self) -> dict[str, float | None]:
         """The model's dropout fields; "auto" is none until training chooses."""
         return {"dropout": 0.0 if self.dropout == "auto" else self.dropout, "attention_dropout": self.attention_dropout}
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed is None or in [0, 2**63): what numpy and torch.Generator take, everywhere alike."""
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserError(f"seed must be in [0, 2**63), got {seed}")
 
 
 def parse_duration(text: str) -> float:

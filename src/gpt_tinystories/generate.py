@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .config import check_seed
 from .engine import Engine, Sampling
 from .errors import UserError
 from .model import GPT
@@ -128,11 +129,6 @@ def beam_search(
     live = [(s / max(len(b), 1) ** length_penalty, b) for s, b in zip(scores.tolist(), beams, strict=True)]
     model.train(was_training)
     return max(done or live, key=lambda pair: pair[0])[1]
-
-
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not 0 <= seed < 2**63:  # what torch.Generator takes
-        raise UserError(f"seed must be in [0, 2**63), got {seed}")
 
 
 def _check_positive(**values: int) -> None:
