@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -325,24 +326,40 @@ def test_measuring_precision_leaves_no_trace():
     assert choose_precision("fp32", torch.device("cpu"), model, batch) == ("fp32", "fp32")
 
 
-def test_precision_is_measured_over_several_rounds_so_one_slow_timing_does_not_decide(monkeypatch):
+def fake_call_times(monkeypatch, seconds: list[float]) -> Iterator[float]:
+    """Make the trainer's clock say that its timed calls took `seconds`, one after the other."""
     from gpt_tinystories import trainer as train_module
 
-    model = GPT(tiny("gpt2").model_config(100))
-    batch = (torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (4, 64)))
-    # seconds per forward + backward, round by round, candidates in order fp32, bf16, bf16 with fp32 attention:
-    # the last is the fastest but for one slow timing in the first round after the warm-up
-    seconds = iter([5.0, 5.0, 5.0, 2.0, 1.05, 3.0, 2.0, 1.05, 1.0, 2.0, 1.05, 1.0])
-    clock = {"now": 0.0, "started": True}
+    calls, clock = iter(seconds), {"now": 0.0, "started": True}
 
     def fake_clock():
         clock["started"] = not clock["started"]
         if clock["started"]:  # the end of a timed call
-            clock["now"] += next(seconds)
+            clock["now"] += next(calls)
         return clock["now"]
 
     monkeypatch.setattr(train_module.time, "perf_counter", fake_clock)
+    return calls
+
+
+def test_precision_is_measured_over_several_rounds_so_one_slow_timing_does_not_decide(monkeypatch):
+    model = GPT(tiny("gpt2").model_config(100))
+    batch = (torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (4, 64)))
+    # seconds per forward + backward, round by round, candidates in order fp32, bf16, bf16 with fp32 attention:
+    # the last is the fastest but for one slow timing in the first round after the warm-up
+    fake_call_times(monkeypatch, [5.0, 5.0, 5.0, 2.0, 1.05, 3.0, 2.0, 1.05, 1.0, 2.0, 1.05, 1.0])
     assert choose_precision("auto", torch.device("cpu"), model, batch) == ("bf16", "fp32")
+
+
+def test_a_candidate_five_times_as_slow_after_the_warm_up_is_timed_no_more(monkeypatch):
+    """bf16 autocast on a CPU without native bf16 (~28x slower than fp32 on a Zen 3) is timed in the warm-up and
+    one round, not four: 8 timed calls instead of 12. One slow timing (3x, the test above) keeps its rounds."""
+    model = GPT(tiny("gpt2").model_config(100))
+    batch = (torch.randint(0, 100, (4, 64)), torch.randint(0, 100, (4, 64)))
+    # fp32 at 1 s a call, both bf16 candidates at 28 s (and 30 s in the warm-up)
+    calls = fake_call_times(monkeypatch, [1.2, 30.0, 30.0] + [1.0, 28.0, 28.0] + [1.0] * 2)
+    assert choose_precision("auto", torch.device("cpu"), model, batch) == ("fp32", "fp32")
+    assert next(calls, None) is None  # every timing above was taken, and no more (a 9th would raise)
 
 
 @pytest.mark.parametrize(("attention_in_bf16", "chosen"), [(0.95, "fp32"), (0.85, "bf16")])
