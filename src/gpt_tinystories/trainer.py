@@ -100,8 +100,8 @@ def _time_rows(model: GPT, batch: tuple[torch.Tensor, torch.Tensor], device: tor
     """Seconds per row of forward + backward over (up to) 4 rows of `batch`, for each (precision, attention
     precision): the best of three alternating rounds after a warm-up (within a few % of each other, one timing
     each flipped the choice). A candidate TIMING_DROP_RATIO times as slow as the fastest in the first timed
-    round runs no more: bf16 autocast on a CPU without native bf16 (a Zen 3) made the `8M` preset's start wait
-    286 s, 147 s now. Leaves no trace: no gradients, no RNG draws."""
+    round runs no more: on a CPU without native bf16 (a Zen 3) bf16 autocast's four rounds made the `8M` preset's
+    start wait 286 s, its two 147 s. Leaves no trace: no gradients, no RNG draws."""
     inputs, targets = (t[:4].to(device) for t in batch)
     timings: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
