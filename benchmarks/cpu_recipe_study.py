@@ -198,6 +198,9 @@ ARMS: dict[str, dict] = {
     # the sample keep its stories in one order, so a window that crosses a story's end always shows the same next
     # story; each pass in a new order of the stories makes those contexts new too, as shift_windows did the offsets.
     "r17-w96-shuffle": {**R10, "d_model": 96, "n_head": 3, "shuffle_stories": True},
+    # and at a fast CPU's ~19 passes, where the recipe takes dropout 0.1: 128 wide, with and without
+    "r17-dropout": {**R10, "dropout": 0.1, "attention_dropout": 0.0},
+    "r17-dropout-shuffle": {**R10, "dropout": 0.1, "attention_dropout": 0.0, "shuffle_stories": True},
 }
 
 
