@@ -194,13 +194,6 @@ ARMS: dict[str, dict] = {
     "r16-w96-warmup-50": {**R10, "d_model": 96, "n_head": 3, "warmup_steps": 50},
     "r16-w96-vocab-2048": {**R10, "d_model": 96, "n_head": 3, "tokenizer": "bpe-2048"},
     "r16-w96-ctx-128": {**R10, "d_model": 96, "n_head": 3, "context_length": 128, "batch_size": 32},
-    # Round 17, around round 13's winner (r13-w96, run again as its reference) at the same budget: ~10 passes over
-    # the sample keep its stories in one order, so a window that crosses a story's end always shows the same next
-    # story; each pass in a new order of the stories makes those contexts new too, as shift_windows did the offsets.
-    "r17-w96-shuffle": {**R10, "d_model": 96, "n_head": 3, "shuffle_stories": True},
-    # and at a fast CPU's ~19 passes, where the recipe takes dropout 0.1: 128 wide, with and without
-    "r17-dropout": {**R10, "dropout": 0.1, "attention_dropout": 0.0},
-    "r17-dropout-shuffle": {**R10, "dropout": 0.1, "attention_dropout": 0.0, "shuffle_stories": True},
 }
 
 
@@ -274,8 +267,7 @@ def measure_speeds(args: argparse.Namespace) -> None:
           f"on {timing['cores']} cores -> {args.out}")  # fmt: skip
 
 
-COST_FREE = {"lr", "schedule", "decay_fraction", "warmup_steps", "weight_decay", "min_lr_ratio", "beta1", "beta2",
-             "shuffle_stories"}  # fmt: skip
+COST_FREE = {"lr", "schedule", "decay_fraction", "warmup_steps", "weight_decay", "min_lr_ratio", "beta1", "beta2"}
 
 
 def _same_cost(arm: str, other: str) -> bool:

@@ -212,27 +212,6 @@ def test_shifted_windows_cut_each_epoch_at_its_own_offset(prepared):
     assert TokenWindows(prepared.tokens(), context_length=128, seed=None, shift=True).offset(5) == 0
 
 
-def test_shuffled_stories_give_each_epoch_its_own_order_of_whole_stories(prepared):
-    (tokens,) = prepared.tokens()
-    eos = prepared.meta["tokenizer"]["eos_id"]
-    stories = {tuple(s): i for i, s in enumerate(np.split(tokens, np.flatnonzero(tokens == eos) + 1)) if len(s)}
-    windows = TokenWindows(prepared.tokens(), context_length=128, seed=0, shuffle_eos=eos)
-    n, orders = len(windows), []
-    for epoch in (0, 1, 2):  # an epoch's windows in place, end to end: its stream, whole stories in its order
-        stream = np.concatenate([windows.window(i, epoch)[:-1] for i in range(n)])
-        pieces = [tuple(s) for s in np.split(stream, np.flatnonzero(stream == eos) + 1)][:-1]  # the last is cut
-        assert len(pieces) > 0.99 * len(stories) and all(piece in stories for piece in pieces)
-        orders.append([stories[piece] for piece in pieces])
-        assert len(set(orders[-1])) == len(orders[-1])  # each story once
-    assert orders[0] != orders[1] != orders[2] and orders[0] != sorted(orders[0])
-    # A pure function of (seed, position): a resumed run sees the same rows; evaluation windows stay in order.
-    one, other = (TokenWindows(prepared.tokens(), context_length=128, seed=0, shuffle_eos=eos, shift=True)
-                  for _ in range(2))  # fmt: skip
-    assert torch.equal(one.batch(3 * n + 5, 4)[0], other.batch(3 * n + 5, 4)[0])
-    in_order = TokenWindows(prepared.tokens(), context_length=128, seed=None, shuffle_eos=eos)
-    assert in_order.window(3).tolist() == tokens[3 * 128 : 4 * 128 + 1].tolist()
-
-
 def test_pieces_score_a_window_a_stride_at_a_time_after_the_tokens_before_it():
     arrays = [np.arange(100), np.arange(1000, 1030)]
     windows = TokenWindows(arrays, context_length=10, seed=None)

@@ -88,18 +88,6 @@ def test_shifted_windows_change_what_a_run_sees_and_still_resume_exactly(tmp_pat
     assert fixed[0] != losses[0]  # the first pass is cut at its offset too
 
 
-def test_shuffled_stories_change_what_a_run_sees_and_still_resume_exactly(tmp_path, tokenizer_file):
-    data = str(sample("fixture-5-stories.txt"))
-    config = tiny(tokenizer_file, data=data, shift_windows=True, shuffle_stories=True)
-    train(config, tmp_path / "full", progress=False)
-    losses = [r["loss"] for r in records(tmp_path / "full", "train")]
-    resumed_from_step_8(config, tmp_path / "resumed")
-    assert [r["loss"] for r in records(tmp_path / "resumed", "train")] == losses
-    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["shuffle_stories"] is True
-    train(tiny(tokenizer_file, data=data, shift_windows=True, max_steps=1), tmp_path / "in-order", progress=False)
-    assert [r["loss"] for r in records(tmp_path / "in-order", "train")][0] != losses[0]
-
-
 def test_a_bf16_run_resumes_with_the_attention_precision_it_measured(tmp_path, tokenizer_file, monkeypatch):
     """Attention's precision under bf16 is measured when a run starts: a resumed run must reuse the recorded one,
     not measure again (the other one rounds differently)."""

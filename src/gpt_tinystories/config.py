@@ -193,9 +193,6 @@ class TrainConfig:
     # Cut each pass's windows at a new offset (drawn from seed and epoch): many passes over little text then
     # show each passage in new contexts instead of the same windows again
     shift_windows: bool = False
-    # Put the stories in a new order each pass (drawn from seed and epoch): a window that crosses a story's end
-    # then shows a new next story each pass, not the same one
-    shuffle_stories: bool = False
     tokenizer: str = "bpe-4096"  # gpt2 | bpe-N (trained on the training data) | path to a tokenizer.json
     init_from: str | None = None  # start from these weights (and their shape and tokenizer): a run dir,
     # a checkpoint folder, or a transformers GPT-2 / GPT-Neo / GPT-NeoX folder or hub id

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -362,11 +362,9 @@ class TokenWindows:
         seed: int | None = 0,
         name: str = "data",
         shift: bool = False,
-        shuffle_eos: int | None = None,
     ) -> None:
         self.arrays, self.context_length, self.seed = tokens, context_length, seed
         self.shift = shift and seed is not None
-        self.shuffle_eos = shuffle_eos if seed is not None else None
         spare = context_length - 1 if self.shift else 0
         counts = [max(len(array) - 1 - spare, 0) // context_length for array in tokens]
         self.starts = np.cumsum([0, *counts])
@@ -394,43 +392,10 @@ class TokenWindows:
         """Where epoch `epoch` starts cutting windows: 0, or with `shift` a draw from (seed, epoch)."""
         return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.context_length)) if self.shift else 0
 
-    @cached_property
-    def _story_starts(self) -> list[np.ndarray]:
-        """Where each story of each array begins (a story ends with its EOS; an array that ends with one ends with
-        an empty story, which shuffles like any other and adds no tokens)."""
-        return [np.concatenate([[0], np.flatnonzero(a == self.shuffle_eos) + 1]) for a in self.arrays]
-
-    @lru_cache(maxsize=2)  # noqa: B019 - as _order
-    def _story_order(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per array, epoch `epoch`'s order of its stories (drawn from seed and epoch) and where each of them then
-        begins: (story numbers in order, start positions with the array's length last)."""
-        orders = []
-        for array, (tokens, starts) in enumerate(zip(self.arrays, self._story_starts, strict=True)):
-            order = np.random.default_rng([self.seed, epoch, 2, array]).permutation(len(starts))
-            lengths = np.diff(starts, append=len(tokens))[order]
-            orders.append((order, np.concatenate([[0], np.cumsum(lengths)])))
-        return orders
-
-    def _tokens(self, array: int, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Tokens start .. stop - 1 of array `array` as epoch `epoch` reads it: with shuffle_eos, its stories in
-        the epoch's order, gathered without copying the array."""
-        tokens = self.arrays[array]
-        if self.shuffle_eos is None:
-            return tokens[start:stop]
-        order, placed = self._story_order(epoch)[array]
-        starts, pieces = self._story_starts[array], []
-        story = int(np.searchsorted(placed, start, side="right")) - 1
-        while start < stop:
-            end = min(stop, int(placed[story + 1]))
-            begin = int(starts[order[story]]) + start - int(placed[story])
-            pieces.append(tokens[begin : begin + end - start])
-            start, story = end, story + 1
-        return np.concatenate(pieces)
-
     def window(self, index: int, epoch: int = 0) -> np.ndarray:
         array = int(np.searchsorted(self.starts, index, side="right")) - 1
         start = (index - int(self.starts[array])) * self.context_length + self.offset(epoch)
-        return self._tokens(array, epoch, start, start + self.context_length + 1)
+        return self.arrays[array][start : start + self.context_length + 1]
 
     def batch(self, first: int, count: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (count, context_length) for global positions first .. first + count - 1."""

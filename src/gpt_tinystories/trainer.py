@@ -431,9 +431,9 @@ def _load_data(
     else:
         train_tokens, val_tokens = train_data.holdout(config.val_fraction)
     context = config.context_length
-    shuffle_eos = tokenizer.eos_id if config.shuffle_stories else None
-    train_windows = TokenWindows(train_tokens, context, seed=config.seed, name=f"training data {config.data}",
-                                 shift=config.shift_windows, shuffle_eos=shuffle_eos)  # fmt: skip
+    train_windows = TokenWindows(
+        train_tokens, context, seed=config.seed, name=f"training data {config.data}", shift=config.shift_windows
+    )
     return train_windows, TokenWindows(val_tokens, context, seed=None, name="validation data")
 
 
